@@ -1,0 +1,29 @@
+"""Config schema, Hydra registration and composition helpers (login-node safe)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from launcher.config.schema import LauncherConfig, register_schema
+from launcher.paths import CONF_DIR, example_file
+
+__all__ = ["LauncherConfig", "compose", "setup_hydra"]
+
+
+def setup_hydra() -> None:
+    """Register the schema and the resolvers the YAML files use. Safe to call more than once."""
+    register_schema()
+    if not OmegaConf.has_resolver("examples"):
+        OmegaConf.register_new_resolver("examples", example_file)
+
+
+def compose(overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose the config as the command line would, without starting a process (tests, tools)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    setup_hydra()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides))

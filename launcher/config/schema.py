@@ -1,0 +1,196 @@
+"""Typed schema of the whole config tree.
+
+Registered with Hydra's ConfigStore as ``base_config``; ``conf/config.yaml`` lists it first in its defaults,
+so every YAML value is type-checked and a misspelled key fails at composition with the key's full name.
+Value checks that need more than a type (allowed names, limits) live in ``launcher.validation``.
+
+This module is imported on the login node: stdlib and omegaconf only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING
+
+STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp")
+PEFT_METHODS = ("none", "lora")
+DATA_FORMATS = ("text", "jsonl_text", "instruction", "chat")
+
+
+@dataclass
+class PartitionLimits:
+    """What one Slurm partition (or QOS) allows a single job."""
+
+    max_nodes: int = 1
+    max_time: str = "01:00:00"  # Slurm time format: [D-]HH:MM:SS
+    min_nodes: int = 1
+    # Whole nodes only (LUMI standard-g): billing counts full nodes whatever is asked.
+    exclusive: bool = False
+    # Billing units per node-hour on this partition; None uses the cluster's own rule.
+    billing_per_node_hour: Optional[float] = None
+
+
+@dataclass
+class ContainerConfig:
+    """An Apptainer/Singularity image that runs every task (see docs/containers.md)."""
+
+    image: str = MISSING
+    runtime: str = "singularity"  # the executable on the compute node: singularity or apptainer
+    gpu_flag: Optional[str] = None  # --rocm (LUMI) or --nv (Leonardo)
+    binds: List[str] = field(default_factory=list)
+    # Lines run inside the container before python (e.g. activating a conda env in older LUMI images).
+    python: str = "python"
+
+
+@dataclass
+class ClusterConfig:
+    """A machine profile: data in ``conf/cluster/*.yaml``, never code."""
+
+    name: str = MISSING
+    account: Optional[str] = None
+    # A regular expression the account must match (LUMI: project_<9 digits>).
+    account_pattern: str = ".+"
+    account_required: bool = True
+    partition: str = MISSING
+    qos: Optional[str] = None
+    time: str = "01:00:00"
+    partitions: Dict[str, PartitionLimits] = field(default_factory=dict)
+    qos_limits: Dict[str, PartitionLimits] = field(default_factory=dict)
+    # Hardware of one node.
+    device: str = "cpu"  # a key of launcher.planning.devices.DEVICES
+    gpus_per_node: int = 0
+    cpus_per_node: int = 1
+    # What the job asks for.
+    gpus_per_node_requested: Optional[int] = None  # None: all of them
+    tasks_per_node: Optional[int] = None  # None: one per requested GPU (at least 1)
+    cpus_per_task: int = 1
+    mem: Optional[str] = None  # e.g. 480G; None leaves Slurm's default
+    mem_per_gpu: Optional[str] = None
+    exclusive: bool = False
+    cpu_bind: Optional[str] = None  # srun --cpu-bind value
+    gpu_bind: Optional[str] = None  # srun --gpu-bind value
+    # Per-task device selection variable (LUMI: ROCR_VISIBLE_DEVICES). None: trust Slurm's own binding.
+    visible_devices_var: Optional[str] = None
+    backend: str = "gloo"  # torch.distributed backend: nccl (CUDA and ROCm) or gloo (CPU)
+    # Billing: "gpu_hours" (LUMI: one GPU-hour = one MI250X module = 2 GCDs), "node_hours" or "core_hours".
+    billing_unit: str = "node_hours"
+    gpus_per_billing_gpu: int = 1
+    # Exported in the batch script (outside the container) and so inherited by every task.
+    env: Dict[str, str] = field(default_factory=dict)
+    # Shell template under slurm_templates/ with the machine's own setup lines.
+    setup_template: Optional[str] = None
+    container: Optional[ContainerConfig] = None
+    # Python command on the compute node when there is no container; None: the interpreter running the launcher.
+    python: Optional[str] = None
+    # Seconds between Slurm's warning signal and the time limit: enough to finish a step and save.
+    signal_lead_s: int = 300
+    max_requeues: int = 5
+    # Extra #SBATCH options (name without dashes -> value), for what the schema does not cover.
+    sbatch_extra: Dict[str, str] = field(default_factory=dict)
+    exclude_nodes: Optional[str] = None
+
+
+@dataclass
+class ModelConfig:
+    """A Hugging Face causal LM: built from these numbers, or loaded from ``pretrained`` (a local directory)."""
+
+    name: str = "tiny"
+    arch: str = "llama"  # transformers model_type used when building from the numbers below
+    pretrained: Optional[str] = None  # local directory; never a hub id on a compute node
+    tokenizer: Optional[str] = None  # local directory; default: pretrained dir, else a BPE trained on the data
+    vocab_size: int = 1024
+    hidden_size: int = 64
+    intermediate_size: int = 176
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    max_position_embeddings: int = 512
+    tie_embeddings: bool = False
+    rope_theta: float = 10000.0
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    name: str = "corpus"
+    path: str = MISSING  # a local file (or directory of files)
+    format: Optional[str] = None  # text | jsonl_text | instruction | chat; None: detected from the file
+    eval_fraction: float = 0.05
+    # Instruction and chat data: the loss covers only the response tokens unless this is true.
+    train_on_prompt: bool = False
+    cache_dir: Optional[str] = None  # tokenized cache; None: <output_dir>/.cache/tokenized
+
+
+@dataclass
+class StrategyConfig:
+    name: str = "ddp"  # ddp | zero1 | zero2 | zero3 | fsdp
+    zero_stage: int = 0
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+
+
+@dataclass
+class PeftConfig:
+    name: str = "none"  # none | lora
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    merge_on_export: bool = False
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 200
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    seq_len: int = 64
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    seed: int = 1234
+    save_every: int = 50
+    save_every_minutes: Optional[float] = None
+    keep_last: int = 2
+    keep_every: Optional[int] = None
+    eval_every: int = 50
+    eval_batches: int = 4
+    log_every: int = 1
+    tensorboard: bool = False
+    # Sleep this many seconds per step: only for tests of time limits and preemption.
+    debug_step_sleep_s: float = 0.0
+
+
+@dataclass
+class LauncherConfig:
+    dry_run: bool = False
+    nodes: int = 1
+    nproc_per_node: Optional[int] = None  # local runs: default one per visible GPU, else 1
+    run_name: str = MISSING
+    output_dir: str = "./runs"
+    export_only: bool = False
+    cluster: Optional[ClusterConfig] = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def register_schema() -> None:
+    """Make ``base_config`` available to the defaults list (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="base_config", node=LauncherConfig)
+
+
+def as_container(cfg: Any) -> Dict[str, Any]:
+    """A resolved plain-dict copy of a composed config (what the job reads back)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
