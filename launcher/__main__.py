@@ -1,0 +1,88 @@
+"""python -m launcher [+cluster=NAME] [model=M] [data=D] [strategy=S] [peft=P] [key=value ...] [-m]
+
+Without +cluster: train on this machine. With +cluster=lumi|leonardo|local_slurm: submit a Slurm job.
+With dry_run=true: print the summary and the batch script, write it into the run directory, submit nothing.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Mapping
+
+from omegaconf import DictConfig
+
+from launcher.config import setup_hydra
+from launcher.config.schema import as_container
+from launcher.errors import ConfigError
+from launcher.paths import CONF_DIR
+
+
+def launch(cfg: Mapping[str, Any]) -> int:
+    """One point of a run or a sweep: validate, then dry-run, submit or train locally."""
+    from launcher.validation import validate
+
+    validate(cfg)
+    if cfg["cluster"]:
+        return _launch_cluster(cfg)
+    return _launch_local(cfg)
+
+
+def _launch_cluster(cfg: Mapping[str, Any]) -> int:
+    from launcher.jobplan import make_plan
+    from launcher.render import render_script
+    from launcher.rundir import write_config, write_script
+    from launcher.summary import cluster_summary
+
+    plan = make_plan(cfg)
+    script = render_script(cfg, plan)
+    if cfg["dry_run"]:
+        path = write_script(plan.run_dir, script)
+        print(f"launcher: dry run, nothing submitted\n{cluster_summary(cfg, plan)}\n  script    {path}\n")
+        print(script)
+        return 0
+    from launcher.submit import check_slurm_available, submit
+
+    check_slurm_available()
+    write_config(plan.run_dir, {**cfg, "output_dir": str(plan.run_dir.parent)})
+    write_script(plan.run_dir, script)
+    job = submit(cfg, plan)
+    print(f"launcher: submitted job {job.job_id}\n{cluster_summary(cfg, plan)}")
+    print(f"  follow    tail -F {job.paths.stdout}")
+    print(f"  status    python -m launcher.status {plan.run_dir.parent}")
+    return 0
+
+
+def _launch_local(cfg: Mapping[str, Any]) -> int:
+    from launcher.jobplan import run_dir_of
+    from launcher.local import describe, local_command, processes_per_node, run_local
+    from launcher.rundir import write_config
+    from launcher.summary import local_summary
+
+    run_dir = run_dir_of(cfg)
+    print(f"launcher: local run\n{local_summary(cfg, processes_per_node(cfg), str(run_dir))}")
+    if cfg["dry_run"]:
+        print(f"  command    {describe(local_command(cfg, run_dir))}\nlauncher: dry run, nothing started")
+        return 0
+    write_config(run_dir, {**cfg, "output_dir": str(run_dir.parent)})
+    return run_local(cfg, run_dir)
+
+
+def _hydra_task(cfg: DictConfig) -> None:
+    try:
+        code = launch(as_container(cfg))
+    except ConfigError as error:
+        print(f"launcher: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    if code:
+        sys.exit(code)
+
+
+def main() -> None:
+    import hydra
+
+    setup_hydra()
+    hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_hydra_task)()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""From a validated config to a frozen job plan: what the job asks Slurm for and what it costs.
+
+Pure functions: no Slurm, no files. ``launcher.render`` turns a plan into the batch script.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from launcher.slurm_time import format_time, parse_time
+from launcher.validation import gpus_requested, tasks_per_node
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    cluster: str
+    run_name: str
+    run_dir: Path
+    nodes: int
+    gpus_per_node: int
+    tasks_per_node: int
+    cpus_per_task: int
+    world_size: int
+    walltime_s: int
+    billing_units: float
+    billing_unit: str
+
+    @property
+    def walltime(self) -> str:
+        return format_time(self.walltime_s)
+
+    @property
+    def slurm_folder(self) -> Path:
+        """Where submitit keeps the script, the pickled task and the logs of this run."""
+        return self.run_dir / "slurm"
+
+
+def run_dir_of(cfg: Mapping[str, Any]) -> Path:
+    """<output_dir>/<run_name>, absolute: the job may start in another directory."""
+    return Path(cfg["output_dir"]).expanduser().absolute() / cfg["run_name"]
+
+
+def billing_units(cluster: Mapping[str, Any], nodes: int, walltime_s: int) -> float:
+    """Cost of the requested walltime in the machine's own unit (charged whether used or not)."""
+    hours = walltime_s / 3600
+    limits = cluster["partitions"].get(cluster["partition"]) or {}
+    if limits.get("billing_per_node_hour") is not None:
+        return nodes * hours * limits["billing_per_node_hour"]
+    unit = cluster["billing_unit"]
+    if unit == "gpu_hours":
+        # LUMI small-g/dev-g: 0.5 x max(GCDs, ceil(cores / 8)) per hour; one billed GPU = gpus_per_billing_gpu GCDs.
+        cores = tasks_per_node(cluster) * cluster["cpus_per_task"]
+        per_node = max(gpus_requested(cluster), math.ceil(cores / 8)) / cluster["gpus_per_billing_gpu"]
+        return nodes * hours * per_node
+    if unit == "core_hours":
+        return nodes * hours * cluster["cpus_per_node"]
+    return nodes * hours
+
+
+def make_plan(cfg: Mapping[str, Any]) -> JobPlan:
+    """The plan of a cluster job (cfg must have passed launcher.validation.validate)."""
+    cluster = cfg["cluster"]
+    nodes = cfg["nodes"]
+    walltime_s = parse_time(cluster["time"])
+    tasks = tasks_per_node(cluster)
+    return JobPlan(
+        cluster=cluster["name"],
+        run_name=cfg["run_name"],
+        run_dir=run_dir_of(cfg),
+        nodes=nodes,
+        gpus_per_node=gpus_requested(cluster),
+        tasks_per_node=tasks,
+        cpus_per_task=cluster["cpus_per_task"],
+        world_size=nodes * tasks,
+        walltime_s=walltime_s,
+        billing_units=billing_units(cluster, nodes, walltime_s),
+        billing_unit=cluster["billing_unit"],
+    )
+
+
+def job_name(run_name: str) -> str:
+    """Slurm job names show up in squeue columns: keep them short and plain."""
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", run_name)[:64] or "launcher"

@@ -1,0 +1,119 @@
+"""The batch script: submitit's own rendering, fed with the cluster profile and the templates.
+
+The dry run prints exactly what submission writes: both go through ``submitit_parameters`` and submitit's
+``_make_sbatch_string``. Every config value that reaches the shell passes through ``shlex.quote``.
+"""
+
+from __future__ import annotations
+
+import shlex
+import string
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Mapping
+
+from launcher.jobplan import JobPlan, job_name
+from launcher.paths import PACKAGE_DIR, TEMPLATES_DIR
+
+
+class _ShellTemplate(string.Template):
+    # '@{name}' never clashes with the shell's own '${name}'.
+    delimiter = "@"
+
+
+def read_template(name: str, **values: Any) -> List[str]:
+    """A template of slurm_templates/ with its placeholders replaced by shell-quoted values."""
+    text = (TEMPLATES_DIR / name).read_text()
+    quoted = {key: shlex.quote(str(value)) for key, value in values.items()}
+    return _ShellTemplate(text).substitute(quoted).rstrip("\n").split("\n")
+
+
+def setup_lines(cfg: Mapping[str, Any], plan: JobPlan) -> List[str]:
+    cluster = cfg["cluster"]
+    lines = read_template("common_setup.sh", run_dir=plan.run_dir, max_requeues=cluster["max_requeues"])
+    if cluster["env"]:
+        lines.append("# --- cluster.env ---")
+        lines += [f"export {name}={shlex.quote(str(value))}" for name, value in cluster["env"].items()]
+    if cluster["setup_template"]:
+        lines += read_template(cluster["setup_template"], run_dir=plan.run_dir)
+    return lines
+
+
+def code_dir() -> Path | None:
+    """The checkout holding ``launcher`` when it is not installed (then it is bound into the container)."""
+    root = PACKAGE_DIR.parent
+    return None if root.name in ("site-packages", "dist-packages") else root
+
+
+def python_command(cluster: Mapping[str, Any]) -> str:
+    """What srun starts on each task: the container's python, or a plain interpreter."""
+    container = cluster.get("container")
+    if not container:
+        return cluster["python"] or shlex.quote(sys.executable)
+    args = [container["runtime"], "exec"]
+    if container["gpu_flag"]:
+        args.append(container["gpu_flag"])
+    binds = list(container["binds"])
+    source = code_dir()
+    if source is not None:
+        binds.append(str(source))
+        args += ["--env", f"PYTHONPATH={source}"]
+    if binds:
+        args += ["--bind", ",".join(binds)]
+    args += [container["image"], container["python"]]
+    return " ".join(shlex.quote(arg) for arg in args)
+
+
+def srun_args(cluster: Mapping[str, Any]) -> List[str]:
+    # One failed rank ends the step instead of leaving the others hanging in a collective.
+    args = ["--kill-on-bad-exit=1"]
+    if cluster["cpu_bind"]:
+        args.append(f"--cpu-bind={cluster['cpu_bind']}")
+    if cluster["gpu_bind"]:
+        args.append(f"--gpu-bind={cluster['gpu_bind']}")
+    return args
+
+
+def submitit_parameters(cfg: Mapping[str, Any], plan: JobPlan) -> Dict[str, Any]:
+    """SlurmExecutor.update_parameters(**this): one definition for the dry run and the submission."""
+    cluster = cfg["cluster"]
+    params: Dict[str, Any] = {
+        "job_name": job_name(plan.run_name),
+        "partition": cluster["partition"],
+        "time": max(1, plan.walltime_s // 60),
+        "nodes": plan.nodes,
+        "ntasks_per_node": plan.tasks_per_node,
+        "cpus_per_task": plan.cpus_per_task,
+        "signal_delay_s": cluster["signal_lead_s"],
+        "stderr_to_stdout": True,
+        "setup": setup_lines(cfg, plan),
+        "teardown": read_template("common_teardown.sh"),
+        "srun_args": srun_args(cluster),
+        # submitit's default wckey is a constant "submitit": leave Slurm's default instead.
+        "wckey": None,
+        "additional_parameters": {"requeue": True, **{k: str(v) for k, v in cluster["sbatch_extra"].items()}},
+    }
+    optional = {
+        "account": cluster["account"],
+        "qos": cluster["qos"],
+        "gpus_per_node": plan.gpus_per_node or None,
+        "mem": cluster["mem"],
+        "mem_per_gpu": cluster["mem_per_gpu"] if plan.gpus_per_node else None,
+        "exclusive": True if cluster["exclusive"] else None,
+        "exclude": cluster["exclude_nodes"],
+    }
+    params.update({key: value for key, value in optional.items() if value is not None})
+    return params
+
+
+def submit_command(python: str, folder: Path) -> str:
+    """The srun payload, as submitit writes it (the pickled task is read back from folder)."""
+    return f"{python} -u -m submitit.core._submit {shlex.quote(str(folder))}"
+
+
+def render_script(cfg: Mapping[str, Any], plan: JobPlan) -> str:
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    params = submitit_parameters(cfg, plan)
+    command = submit_command(python_command(cfg["cluster"]), plan.slurm_folder)
+    return _make_sbatch_string(command=command, folder=plan.slurm_folder, **params)

@@ -1,0 +1,34 @@
+"""Submission through submitit: the only place that talks to sbatch."""
+
+from __future__ import annotations
+
+import shutil
+from typing import Any, Mapping
+
+from launcher.errors import ConfigError
+from launcher.jobplan import JobPlan
+from launcher.render import python_command, submitit_parameters
+
+
+def check_slurm_available() -> None:
+    if shutil.which("sbatch") is None or shutil.which("srun") is None:
+        raise ConfigError(
+            "+cluster", "(sbatch not found)", "a machine with Slurm's sbatch and srun on the PATH",
+            "run this on the cluster's login node, or add dry_run=true to see the job without submitting",
+        )
+
+
+def submit(cfg: Mapping[str, Any], plan: JobPlan) -> Any:
+    """Submit the run's job; returns submitit's Job (job_id, paths.stdout)."""
+    check_slurm_available()
+    import submitit
+
+    from launcher.job import train_task
+
+    cluster = cfg["cluster"]
+    # Requeue is ours (slurm_templates/common_teardown.sh); submitit's own counter must never refuse it first.
+    executor = submitit.SlurmExecutor(
+        folder=plan.slurm_folder, python=python_command(cluster), max_num_timeout=cluster["max_requeues"] + 1000
+    )
+    executor.update_parameters(**submitit_parameters(cfg, plan))
+    return executor.submit(train_task, str(plan.run_dir))

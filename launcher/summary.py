@@ -1,0 +1,44 @@
+"""The human-readable summary printed before (or instead of) submitting."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from launcher.jobplan import JobPlan
+
+UNIT_NAMES = {"gpu_hours": "GPU-hours", "node_hours": "node-hours", "core_hours": "core-hours"}
+
+
+def cluster_summary(cfg: Mapping[str, Any], plan: JobPlan) -> str:
+    cluster = cfg["cluster"]
+    gpus = f"{plan.gpus_per_node} GPUs ({cluster['device']})" if plan.gpus_per_node else "no GPUs (CPU)"
+    rows = [
+        ("cluster", f"{plan.cluster}: partition {cluster['partition']}, qos {cluster['qos'] or '-'}, "
+                    f"account {cluster['account'] or '-'}"),
+        ("nodes", f"{plan.nodes} x {gpus}, {plan.tasks_per_node} tasks/node x {plan.cpus_per_task} CPUs"),
+        ("world size", str(plan.world_size)),
+        ("walltime", plan.walltime),
+        ("cost", f"{plan.billing_units:,.1f} {UNIT_NAMES[plan.billing_unit]} for the requested walltime"),
+    ]
+    return _table(rows + _training_rows(cfg) + [("run dir", str(plan.run_dir))])
+
+
+def local_summary(cfg: Mapping[str, Any], nproc: int, run_dir: str) -> str:
+    rows = [("where", "this machine (no +cluster)"), ("processes", str(nproc))]
+    return _table(rows + _training_rows(cfg) + [("run dir", run_dir)])
+
+
+def _training_rows(cfg: Mapping[str, Any]) -> list[tuple[str, str]]:
+    train = cfg["train"]
+    return [
+        ("model", f"{cfg['model']['name']}" + (f" from {cfg['model']['pretrained']}" if cfg["model"]["pretrained"] else "")),
+        ("strategy", f"{cfg['strategy']['name']}, peft {cfg['peft']['name']}"),
+        ("data", f"{cfg['data']['path']} ({cfg['data']['format'] or 'auto'})"),
+        ("steps", f"{train['max_steps']} x micro-batch {train['micro_batch_size']} x accum {train['grad_accum']} "
+                  f"x seq {train['seq_len']}"),
+    ]
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    width = max(len(key) for key, _ in rows)
+    return "\n".join(f"  {key:<{width}}  {value}" for key, value in rows)

@@ -1,0 +1,188 @@
+"""Checks a resolved config before anything is submitted or trained.
+
+Types and key names are already checked by the schema at composition; these are the checks of values: allowed
+names, the partition's and QOS's limits, the account, the hardware of a node, and safety (no control characters,
+no secrets). Every failure is a ConfigError naming the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Iterator, Mapping
+
+from launcher.config.schema import DATA_FORMATS, PEFT_METHODS, STRATEGIES
+from launcher.errors import ConfigError
+from launcher.slurm_time import format_time, parse_time
+
+ZERO_STAGE = {"ddp": 0, "fsdp": 0, "zero1": 1, "zero2": 2, "zero3": 3}
+BILLING_UNITS = ("gpu_hours", "node_hours", "core_hours")
+BACKENDS = ("nccl", "gloo")
+# Environment names that hold credentials: they reach jobs through the submitting shell's environment
+# (sbatch exports it), never through a file we write.
+_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|CREDENTIAL", re.IGNORECASE)
+# Values that look like credentials (Hugging Face, GitHub, OpenAI-style, W&B 40-hex keys).
+_SECRET_VALUE = re.compile(r"\b(hf_[A-Za-z0-9]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9]{20,}|[0-9a-f]{40})\b")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def validate(cfg: Mapping[str, Any]) -> None:
+    """Raise ConfigError for the first value that cannot run."""
+    _check_safety(cfg)
+    _check_training(cfg)
+    if cfg.get("cluster"):
+        _check_cluster(cfg["cluster"], nodes=cfg["nodes"])
+    elif cfg["nodes"] != 1:
+        raise ConfigError("nodes", cfg["nodes"], "1 for a local run", "add +cluster=NAME to use several nodes")
+
+
+def _walk(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(node, Mapping):
+        for key, value in node.items():
+            yield from _walk(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(node, (list, tuple)):
+        for index, value in enumerate(node):
+            yield from _walk(value, f"{prefix}[{index}]")
+    else:
+        yield prefix, node
+
+
+def _check_safety(cfg: Mapping[str, Any]) -> None:
+    for field, value in _walk(cfg):
+        if not isinstance(value, str):
+            continue
+        if _CONTROL.search(value):
+            raise ConfigError(field, value, "printable characters only (no newlines or control characters)")
+        if _SECRET_VALUE.search(value):
+            raise ConfigError(
+                field, "<redacted>", "no credentials in the config",
+                "export the token in your shell instead (e.g. HF_TOKEN): sbatch passes it to the job unwritten",
+            )
+    cluster = cfg.get("cluster") or {}
+    for name in (cluster.get("env") or {}):
+        if not _ENV_NAME.match(name):
+            raise ConfigError(f"cluster.env.{name}", name, "a shell variable name ([A-Za-z_][A-Za-z0-9_]*)")
+        if _SECRET_NAME.search(name):
+            raise ConfigError(
+                f"cluster.env.{name}", "<redacted>", "no credentials in cluster.env (it is written into the script)",
+                f"export {name} in your shell before submitting: sbatch passes it to the job unwritten",
+            )
+    run_name = cfg["run_name"]
+    if not run_name or "/" in run_name or run_name in (".", ".."):
+        raise ConfigError("run_name", run_name, "a non-empty name without '/' (it names a directory under output_dir)")
+
+
+def _check_training(cfg: Mapping[str, Any]) -> None:
+    strategy = cfg["strategy"]
+    _one_of("strategy.name", strategy["name"], STRATEGIES)
+    expected_stage = ZERO_STAGE[strategy["name"]]
+    if strategy["zero_stage"] != expected_stage:
+        raise ConfigError("strategy.zero_stage", strategy["zero_stage"], f"{expected_stage} for {strategy['name']}")
+    _one_of("strategy.precision", strategy["precision"], ("auto", "bf16", "fp32"))
+    if strategy["offload_params"] and strategy["name"] not in ("zero3", "fsdp"):
+        raise ConfigError("strategy.offload_params", True, "only with zero3 or fsdp", "use strategy=zero3")
+    if strategy["offload_optimizer"] and strategy["name"] == "ddp":
+        raise ConfigError("strategy.offload_optimizer", True, "zero1, zero2, zero3 or fsdp")
+    _one_of("peft.name", cfg["peft"]["name"], PEFT_METHODS)
+    if cfg["data"]["format"] is not None:
+        _one_of("data.format", cfg["data"]["format"], DATA_FORMATS, "or null to detect it from the file")
+    train = cfg["train"]
+    for key in ("max_steps", "micro_batch_size", "grad_accum", "seq_len", "save_every", "eval_every", "log_every",
+                "keep_last", "eval_batches"):
+        if train[key] < 1:
+            raise ConfigError(f"train.{key}", train[key], "an integer >= 1")
+    if train["lr"] <= 0:
+        raise ConfigError("train.lr", train["lr"], "a positive learning rate")
+    if not 0.0 <= cfg["data"]["eval_fraction"] < 1.0:
+        raise ConfigError("data.eval_fraction", cfg["data"]["eval_fraction"], "a fraction in [0, 1)")
+    model = cfg["model"]
+    if train["seq_len"] > model["max_position_embeddings"]:
+        raise ConfigError(
+            "train.seq_len", train["seq_len"],
+            f"at most model.max_position_embeddings={model['max_position_embeddings']} for model {model['name']}",
+        )
+    if cfg["nproc_per_node"] is not None and cfg["nproc_per_node"] < 1:
+        raise ConfigError("nproc_per_node", cfg["nproc_per_node"], "an integer >= 1, or null for one per GPU")
+    if cfg["nodes"] < 1:
+        raise ConfigError("nodes", cfg["nodes"], "an integer >= 1")
+
+
+def _check_cluster(cluster: Mapping[str, Any], *, nodes: int) -> None:
+    _check_account(cluster)
+    _one_of("cluster.backend", cluster["backend"], BACKENDS)
+    _one_of("cluster.billing_unit", cluster["billing_unit"], BILLING_UNITS)
+    partitions = cluster["partitions"]
+    partition = cluster["partition"]
+    if partitions and partition not in partitions:
+        _one_of("cluster.partition", partition, tuple(partitions))
+    limits = [("cluster.partition", partition, partitions.get(partition))]
+    qos = cluster["qos"]
+    if cluster["qos_limits"]:
+        if qos is None or qos not in cluster["qos_limits"]:
+            _one_of("cluster.qos", qos, tuple(cluster["qos_limits"]))
+        limits.append(("cluster.qos", qos, cluster["qos_limits"][qos]))
+    try:
+        walltime = parse_time(cluster["time"])
+    except ValueError as error:
+        raise ConfigError("cluster.time", cluster["time"], str(error)) from None
+    for field, name, limit in limits:
+        if limit is None:
+            continue
+        if not limit["min_nodes"] <= nodes <= limit["max_nodes"]:
+            raise ConfigError(
+                "nodes", nodes, f"{limit['min_nodes']}..{limit['max_nodes']} on {field}={name}",
+                "choose another partition or QOS" if nodes > limit["max_nodes"] else "",
+            )
+        max_time = parse_time(limit["max_time"])
+        if walltime > max_time:
+            raise ConfigError("cluster.time", cluster["time"], f"at most {format_time(max_time)} on {field}={name}")
+    if cluster["signal_lead_s"] >= walltime:
+        raise ConfigError(
+            "cluster.signal_lead_s", cluster["signal_lead_s"], f"less than the walltime ({walltime} s)",
+        )
+    _check_node_shape(cluster)
+
+
+def _check_account(cluster: Mapping[str, Any]) -> None:
+    account = cluster["account"]
+    if account is None:
+        if cluster["account_required"]:
+            raise ConfigError(
+                "cluster.account", None, f"a project account matching {cluster['account_pattern']!r}",
+                f"add cluster.account=... (required on {cluster['name']})",
+            )
+        return
+    if not re.fullmatch(cluster["account_pattern"], account):
+        raise ConfigError("cluster.account", account, f"an account matching {cluster['account_pattern']!r}")
+
+
+def _check_node_shape(cluster: Mapping[str, Any]) -> None:
+    gpus = cluster["gpus_per_node"]
+    requested = gpus_requested(cluster)
+    if not 0 <= requested <= gpus:
+        raise ConfigError("cluster.gpus_per_node_requested", requested, f"0..{gpus} (GPUs on one {cluster['name']} node)")
+    tasks = tasks_per_node(cluster)
+    if tasks < 1 or (requested and tasks > requested):
+        raise ConfigError("cluster.tasks_per_node", tasks, f"1..{requested or 'n'} (one task per GPU at most)")
+    cpus = tasks * cluster["cpus_per_task"]
+    if cpus > cluster["cpus_per_node"]:
+        raise ConfigError(
+            "cluster.cpus_per_task", cluster["cpus_per_task"],
+            f"at most {cluster['cpus_per_node'] // tasks} with {tasks} tasks per node "
+            f"({cluster['cpus_per_node']} usable cores per node)",
+        )
+
+
+def gpus_requested(cluster: Mapping[str, Any]) -> int:
+    requested = cluster["gpus_per_node_requested"]
+    return cluster["gpus_per_node"] if requested is None else requested
+
+
+def tasks_per_node(cluster: Mapping[str, Any]) -> int:
+    tasks = cluster["tasks_per_node"]
+    return tasks if tasks is not None else max(1, gpus_requested(cluster))
+
+
+def _one_of(field: str, value: Any, allowed: tuple, hint: str = "") -> None:
+    if value not in allowed:
+        raise ConfigError(field, value, "one of " + ", ".join(map(str, allowed)), hint)

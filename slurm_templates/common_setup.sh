@@ -1,0 +1,14 @@
+# --- launcher: common setup (runs in the batch shell, outside any container) ---
+# Placeholders (at-sign + braces) are filled with shell-quoted values by launcher/render.py.
+export LAUNCHER_RUN_DIR=@{run_dir}
+export LAUNCHER_ATTEMPT=$(( ${SLURM_RESTART_COUNT:-0} + 1 ))
+export LAUNCHER_MAX_REQUEUES=@{max_requeues}
+# Rendezvous: Slurm tools exist only out here, not inside the container.
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+export MASTER_ADDR
+# A port derived from the job id: two jobs sharing a node never collide.
+export MASTER_PORT=$(( 10000 + SLURM_JOB_ID % 10000 ))
+mkdir -p "$LAUNCHER_RUN_DIR/logs"
+rm -f "$LAUNCHER_RUN_DIR/.requeue_requested"
+echo "launcher: job ${SLURM_JOB_ID} attempt ${LAUNCHER_ATTEMPT} on ${SLURM_JOB_NODELIST} (rendezvous ${MASTER_ADDR}:${MASTER_PORT})"
+echo "launcher: job ${SLURM_JOB_ID} attempt ${LAUNCHER_ATTEMPT} started $(date -Is) on ${SLURM_JOB_NODELIST}" >> "$LAUNCHER_RUN_DIR/logs/attempts.log"
