@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 from omegaconf import DictConfig
 
-from launcher.config import setup_hydra
+from launcher.config import check_overrides, setup_hydra
 from launcher.config.schema import as_container
 from launcher.errors import ConfigError
 from launcher.paths import CONF_DIR
@@ -81,6 +81,11 @@ def main() -> None:
     import hydra
 
     setup_hydra()
+    try:
+        check_overrides(sys.argv[1:])
+    except ConfigError as error:
+        print(f"launcher: error: {error}", file=sys.stderr)
+        sys.exit(2)
     hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_hydra_task)()
 
 

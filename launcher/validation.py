@@ -10,7 +10,10 @@ from __future__ import annotations
 import re
 from typing import Any, Iterator, Mapping
 
-from launcher.config.schema import DATA_FORMATS, PEFT_METHODS, STRATEGIES
+import dataclasses
+import typing
+
+from launcher.config.schema import DATA_FORMATS, PEFT_METHODS, STRATEGIES, LauncherConfig
 from launcher.errors import ConfigError
 from launcher.slurm_time import format_time, parse_time
 
@@ -28,12 +31,34 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 def validate(cfg: Mapping[str, Any]) -> None:
     """Raise ConfigError for the first value that cannot run."""
+    _check_known_keys(cfg, LauncherConfig)
     _check_safety(cfg)
     _check_training(cfg)
     if cfg.get("cluster"):
         _check_cluster(cfg["cluster"], nodes=cfg["nodes"])
     elif cfg["nodes"] != 1:
         raise ConfigError("nodes", cfg["nodes"], "1 for a local run", "add +cluster=NAME to use several nodes")
+
+
+def _check_known_keys(node: Mapping[str, Any], schema: type, prefix: str = "") -> None:
+    """Keys added with Hydra's '+' bypass the schema's struct mode: a typo there would be silently ignored."""
+    hints = typing.get_type_hints(schema)
+    known = {f.name: f for f in dataclasses.fields(schema)}
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        if key not in known:
+            raise ConfigError(name, value, "a key of the schema: " + ", ".join(f"{prefix}{k}" for k in known))
+        nested = _dataclass_of(hints[key])
+        if nested is not None and isinstance(value, Mapping):
+            _check_known_keys(value, nested, prefix=f"{name}.")
+
+
+def _dataclass_of(hint: Any) -> type | None:
+    if dataclasses.is_dataclass(hint):
+        return hint
+    if typing.get_origin(hint) is typing.Union:  # Optional[SomeConfig]
+        return next((arg for arg in typing.get_args(hint) if dataclasses.is_dataclass(arg)), None)
+    return None
 
 
 def _walk(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:

@@ -19,11 +19,26 @@ def setup_hydra() -> None:
         OmegaConf.register_new_resolver("examples", example_file)
 
 
+def check_overrides(overrides: Sequence[str]) -> None:
+    """Catch a cluster key given without a cluster (OmegaConf fails there with an internal assertion)."""
+    from launcher.errors import ConfigError
+    from launcher.paths import CONF_DIR
+
+    keys = [o.lstrip("+~").split("=", 1)[0] for o in overrides if not o.startswith("hydra")]
+    if "cluster" in keys:
+        return
+    for key in keys:
+        if key.startswith("cluster."):
+            names = ", ".join(sorted(p.stem for p in (CONF_DIR / "cluster").glob("*.yaml")))
+            raise ConfigError(key, "(no cluster selected)", f"cluster keys need +cluster=NAME first ({names})")
+
+
 def compose(overrides: Sequence[str] = ()) -> DictConfig:
     """Compose the config as the command line would, without starting a process (tests, tools)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     setup_hydra()
+    check_overrides(overrides)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=list(overrides))

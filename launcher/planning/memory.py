@@ -1,0 +1,476 @@
+"""Per-device memory of data-parallel training: DDP, DeepSpeed ZeRO-1/2/3 and FSDP (full sharding).
+
+Imported on the login node to choose a strategy before a job is submitted: stdlib only, never torch,
+transformers or deepspeed. The formulas, their sources and their measured accuracy are in
+``docs/memory-planner.md``; in short:
+
+* Model states follow the ZeRO paper (Rajbhandari et al. 2019, "ZeRO: Memory Optimizations Toward Training
+  Trillion Parameter Models"): mixed-precision Adam keeps 2 B of 16-bit parameters, 2 B of 16-bit gradients
+  and K = 12 B of optimizer state (fp32 master weights, momentum, variance) per parameter. ZeRO-1 shards the
+  optimizer state over the data-parallel ranks, ZeRO-2 also the gradients, ZeRO-3 / FSDP also the parameters.
+* Activations count the tensors autograd saves for backward in a Llama decoder (Hugging Face ``LlamaModel``),
+  in the style of Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models";
+  see ``activation_bytes``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+from launcher.planning.devices import GIB, Device
+
+# Ordered by communication volume per step, least first: the order in which ``recommend`` tries them.
+# zero3 and fsdp shard the same states and need the same memory here; zero3 comes first so that moving up
+# from zero1/zero2 keeps the same engine (DeepSpeed), config family and checkpoint format.
+STRATEGIES: tuple[str, ...] = ("ddp", "zero1", "zero2", "zero3", "fsdp")
+_STAGE: dict[str, int] = {"ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3, "fsdp": 3}
+
+
+@dataclass(frozen=True)
+class _Bytes:
+    """Bytes per parameter of each model state, and per activation element, in one precision."""
+
+    param: int
+    grad: int
+    optim: int
+    act: int
+
+
+_PRECISIONS: dict[str, _Bytes] = {
+    # Mixed precision: 16-bit params and grads; fp32 master copy + Adam momentum + variance = 12 B.
+    "bf16": _Bytes(param=2, grad=2, optim=12, act=2),
+    "fp16": _Bytes(param=2, grad=2, optim=12, act=2),
+    # Pure fp32 (CPU runs): the parameters are the master copy, so Adam adds only momentum + variance.
+    "fp32": _Bytes(param=4, grad=4, optim=8, act=4),
+}
+
+# Module names LoRA can target in a Llama layer (peft's target_modules).
+_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The numbers that size a Llama-style decoder (RMSNorm, GQA attention with RoPE, SwiGLU MLP, no biases)."""
+
+    n_layers: int
+    hidden_size: int
+    n_heads: int
+    n_kv_heads: int
+    intermediate_size: int
+    vocab_size: int
+    tie_embeddings: bool = False
+    head_dim: int | None = None  # None: hidden_size // n_heads, as in LlamaConfig
+
+    def __post_init__(self) -> None:
+        for name in ("n_layers", "hidden_size", "n_heads", "n_kv_heads", "intermediate_size", "vocab_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ModelShape.{name} must be positive, got {getattr(self, name)}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.head_dim is None and self.hidden_size % self.n_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) is not divisible by n_heads ({self.n_heads}); pass head_dim"
+            )
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> ModelShape:
+        """From the launcher's ``ModelConfig`` (num_layers, num_heads, ...) or a transformers ``LlamaConfig``.
+
+        Duck-typed on attribute names so neither omegaconf nor transformers is imported here.
+        """
+
+        def pick(*names: str, default: Any = None) -> Any:
+            for name in names:
+                value = getattr(cfg, name, None)
+                if value is not None:
+                    return value
+            if default is not None:
+                return default
+            raise ValueError(f"config has none of {names}")
+
+        return cls(
+            n_layers=pick("num_layers", "num_hidden_layers"),
+            hidden_size=pick("hidden_size"),
+            n_heads=pick("num_heads", "num_attention_heads"),
+            n_kv_heads=pick("num_kv_heads", "num_key_value_heads", "num_heads", "num_attention_heads"),
+            intermediate_size=pick("intermediate_size"),
+            vocab_size=pick("vocab_size"),
+            tie_embeddings=bool(pick("tie_embeddings", "tie_word_embeddings", default=False)),
+            head_dim=getattr(cfg, "head_dim", None),
+        )
+
+    @property
+    def q_dim(self) -> int:
+        """Width of the query (and attention output) projection: n_heads * head_dim."""
+        return self.n_heads * (self.head_dim or self.hidden_size // self.n_heads)
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of each of the key and value projections: n_kv_heads * head_dim (smaller with GQA)."""
+        return self.n_kv_heads * (self.head_dim or self.hidden_size // self.n_heads)
+
+    def layer_params(self) -> int:
+        """Parameters of one decoder layer: q/k/v/o, gate/up/down, two RMSNorm weights."""
+        h = self.hidden_size
+        attention = h * self.q_dim + 2 * h * self.kv_dim + self.q_dim * h
+        mlp = 3 * h * self.intermediate_size
+        return attention + mlp + 2 * h
+
+    def n_params(self) -> int:
+        """All parameters, counting a tied embedding / lm_head matrix once (as ``model.parameters()`` does)."""
+        embeddings = self.vocab_size * self.hidden_size
+        lm_head = 0 if self.tie_embeddings else embeddings
+        return embeddings + self.n_layers * self.layer_params() + self.hidden_size + lm_head
+
+    def largest_layer_params(self) -> int:
+        """Parameters of the largest single module (DeepSpeed's "largest layer"): ZeRO-3 gathers it whole."""
+        h = self.hidden_size
+        return max(self.vocab_size * h, h * self.intermediate_size, h * self.q_dim)
+
+    def lora_params(self, r: int, target_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj")) -> int:
+        """Trainable parameters of LoRA adapters of rank ``r`` (A: in x r, B: r x out) on every layer."""
+        h, i = self.hidden_size, self.intermediate_size
+        shapes = {
+            "q_proj": (h, self.q_dim),
+            "k_proj": (h, self.kv_dim),
+            "v_proj": (h, self.kv_dim),
+            "o_proj": (self.q_dim, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
+        unknown = sorted(set(target_modules) - set(shapes))
+        if unknown:
+            raise ValueError(f"unknown LoRA target modules {unknown}; allowed: {', '.join(_LORA_TARGETS)}")
+        return self.n_layers * sum(r * (shapes[m][0] + shapes[m][1]) for m in target_modules)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per device (one rank) at the peak of a training step."""
+
+    strategy: str
+    world_size: int
+    parameters: int
+    gradients: int
+    optimizer: int
+    activations: int
+    total: int
+    offloaded: int = 0  # bytes per rank moved to host memory by offloading (not in ``total``)
+    notes: tuple[str, ...] = ()
+
+    @property
+    def model_states(self) -> int:
+        """Parameters + gradients + optimizer state: what DeepSpeed's estimators count."""
+        return self.parameters + self.gradients + self.optimizer
+
+    @property
+    def total_gib(self) -> float:
+        return gib(self.total)
+
+    def gib(self, component: str = "total") -> float:
+        """One component (``parameters``, ``gradients``, ``optimizer``, ``activations``, ``total``...) in GiB."""
+        return gib(getattr(self, component))
+
+
+def gib(n_bytes: int | float) -> float:
+    """Bytes to GiB (2**30), the unit nvidia-smi / rocm-smi and the device table use."""
+    return n_bytes / GIB
+
+
+def _check_strategy(strategy: str) -> int:
+    try:
+        return _STAGE[strategy]
+    except KeyError:
+        raise ValueError(f"unknown strategy {strategy!r}; allowed: {', '.join(STRATEGIES)}") from None
+
+
+def _check_precision(precision: str) -> _Bytes:
+    try:
+        return _PRECISIONS[precision]
+    except KeyError:
+        raise ValueError(f"unknown precision {precision!r}; allowed: {', '.join(_PRECISIONS)}") from None
+
+
+def _share(n_bytes: int, world_size: int, sharded: bool) -> int:
+    # Rounded up: a shard never holds a fraction of a byte, and padding only adds.
+    return -(-n_bytes // world_size) if sharded else n_bytes
+
+
+def layer_activation_bytes(
+    shape: ModelShape,
+    seq_len: int,
+    micro_batch_size: int = 1,
+    *,
+    precision: str = "bf16",
+    flash_attention: bool = False,
+) -> int:
+    """Bytes one decoder layer saves for backward; see ``activation_bytes`` for the formula."""
+    e = _check_precision(precision).act
+    tokens = seq_len * micro_batch_size  # s * b
+    h, q, kv, i = shape.hidden_size, shape.q_dim, shape.kv_dim, shape.intermediate_size
+    # Two RMSNorms: the input upcast to fp32 (for fp32 runs, the input itself) and the normalized value.
+    norms = 2 * (4 + e) * tokens * h
+    # Inputs of the q/k/v projections, of gate/up (the norm outputs) and of o_proj (the attention output).
+    linear_inputs = e * tokens * (2 * h + q)
+    mlp = 4 * e * tokens * i  # SwiGLU: gate out, up out, SiLU(gate), SiLU(gate)*up = down_proj input
+    if flash_attention:
+        # Q, K, V at their own width (K/V not expanded for GQA) and the fp32 log-sum-exp per head and token.
+        attention = e * tokens * (q + 2 * kv) + 4 * shape.n_heads * tokens
+    else:
+        # Eager: repeat_kv expands K and V to all heads; softmax runs in fp32 and its output is kept, then cast
+        # back to the working precision for probs @ V (the cast is a no-op in fp32).
+        scores = shape.n_heads * seq_len * tokens  # a * s^2 * b
+        attention = e * tokens * 3 * q + (4 + (e if e != 4 else 0)) * scores
+    return norms + linear_inputs + mlp + attention
+
+
+def activation_bytes(
+    shape: ModelShape,
+    seq_len: int,
+    micro_batch_size: int = 1,
+    *,
+    gradient_checkpointing: bool = False,
+    precision: str = "bf16",
+    flash_attention: bool = False,
+) -> int:
+    """Activation bytes per rank at the start of backward, for a Hugging Face Llama-style decoder.
+
+    Notation: s = seq_len, b = micro_batch_size, h = hidden_size, a = n_heads, q = a * head_dim,
+    k = n_kv_heads * head_dim, i = intermediate_size, V = vocab_size, L = n_layers, e = bytes per element
+    of the working precision (2 for bf16/fp16, 4 for fp32). Counted: every tensor autograd saves for backward
+    (the method of Korthikanti et al. 2022), dropout absent (Llama trains without it). Per layer:
+
+        RMSNorms (x2)       2 * (4 + e) * s*b*h        fp32 upcast of the input + normalized value
+        linear inputs       e * s*b * (2h + q)         q/k/v input, gate/up input, o_proj input
+        Q, K, V (eager)     3 * e * s*b*q              K, V expanded to all heads by repeat_kv
+        softmax (eager)     (4 + e) * a * s^2 * b      fp32 probabilities + their cast (4 * a*s^2*b in fp32)
+        Q, K, V (flash)     e * s*b * (q + 2k) + 4*a*s*b   (no s^2 term; log-sum-exp in fp32)
+        SwiGLU MLP          4 * e * s*b*i              gate, up, SiLU(gate), product
+
+    For bf16 with q = k = h this is s*b*h*(24 + 8*i/h + 6*a*s/h), to compare with Korthikanti's
+    s*b*h*(34 + 5*a*s/h) for a GPT block (GeLU MLP with i = 4h, dropout masks, LayerNorm, fp16 softmax).
+    Outside the layers: the final norm and lm_head input (4 + 2e) * s*b*h, the logits e * s*b*V (the model
+    output stays alive until backward) and the fp32 log-softmax cross entropy saves, 4 * s*b*V.
+
+    With gradient checkpointing each layer keeps only its input, e * s*b*h, and backward recomputes one
+    layer at a time, so one layer's full activations are added once.
+
+    Ignored as small: RMSNorm's 1/rms (4*s*b per norm), RoPE cos/sin tables, token ids.
+    Measured against a real model in ``tests/test_memory_planner.py``.
+    """
+    if seq_len <= 0 or micro_batch_size <= 0:
+        raise ValueError(f"seq_len and micro_batch_size must be positive, got {seq_len} and {micro_batch_size}")
+    e = _check_precision(precision).act
+    tokens = seq_len * micro_batch_size
+    layer = layer_activation_bytes(
+        shape, seq_len, micro_batch_size, precision=precision, flash_attention=flash_attention
+    )
+    if gradient_checkpointing:
+        layers = shape.n_layers * e * tokens * shape.hidden_size + layer
+    else:
+        layers = shape.n_layers * layer
+    head = (4 + 2 * e) * tokens * shape.hidden_size + (e + 4) * tokens * shape.vocab_size
+    return layers + head
+
+
+def estimate_memory(
+    n_params: int,
+    strategy: str,
+    world_size: int,
+    *,
+    shape: ModelShape | None = None,
+    seq_len: int = 2048,
+    micro_batch_size: int = 1,
+    gradient_checkpointing: bool = False,
+    precision: str = "bf16",
+    lora_params: int | None = None,
+    offload_optimizer: bool = False,
+    offload_params: bool = False,
+    flash_attention: bool = False,
+) -> MemoryEstimate:
+    """Peak bytes per rank of one training step with ``strategy`` over ``world_size`` data-parallel ranks.
+
+    ``n_params`` is the model's parameter count (the frozen base when ``lora_params`` is given). Model states
+    per parameter (ZeRO paper, K = 12): 2 B params + 2 B grads + 12 B Adam state in bf16/fp16, 4 + 4 + 8 B in
+    fp32; sharded over ``world_size`` ranks: zero1 the optimizer state, zero2 also the gradients, zero3 and
+    fsdp also the parameters.
+
+    With ``shape``, zero3/fsdp also hold the largest module gathered whole (parameters and gradient, the
+    convention of DeepSpeed's ``estimate_zero3_model_states_mem_needs``), and activations are estimated by
+    ``activation_bytes``; without it activations are 0 and a note says so.
+
+    LoRA (``lora_params`` = adapter parameters): the base is frozen, stored in the working precision (sharded
+    only by zero3/fsdp) with no gradients or optimizer state; the adapters get the full 16 B (fp32: 16 B)
+    accounting, sharded per stage. Activations are counted as for full fine-tuning (an upper bound).
+
+    Offloading (DeepSpeed ZeRO-Offload): ``offload_optimizer`` moves the optimizer state to host memory, and
+    with zero2/zero3/fsdp also the gradient shard (reduced gradients are copied to the host, where the
+    optimizer step runs); zero1 keeps its full gradients until the step. ``offload_params`` (zero3/fsdp only)
+    moves the parameter shards too. What moved is reported in ``offloaded``, not in ``total``.
+    """
+    stage = _check_strategy(strategy)
+    b = _check_precision(precision)
+    if world_size < 1:
+        raise ValueError(f"world_size must be at least 1, got {world_size}")
+    if n_params < 0 or (lora_params is not None and lora_params < 0):
+        raise ValueError(f"parameter counts must be non-negative, got n_params={n_params}, lora_params={lora_params}")
+    if offload_params and stage < 3:
+        raise ValueError(f"offload_params needs sharded parameters (zero3 or fsdp); strategy {strategy!r} has none")
+    if offload_optimizer and stage == 0:
+        raise ValueError(f"offload_optimizer needs a ZeRO stage or fsdp; strategy {strategy!r} cannot offload")
+
+    trainable, frozen = (n_params, 0) if lora_params is None else (lora_params, n_params)
+    parameters = _share(trainable * b.param, world_size, stage >= 3) + _share(frozen * b.param, world_size, stage >= 3)
+    gradients = _share(trainable * b.grad, world_size, stage >= 2)
+    optimizer = _share(trainable * b.optim, world_size, stage >= 1)
+
+    offloaded = 0
+    if offload_optimizer:
+        moved_grads = gradients if stage >= 2 else 0
+        offloaded += optimizer + moved_grads
+        optimizer, gradients = 0, gradients - moved_grads
+    if offload_params:
+        offloaded += parameters
+        parameters = 0
+
+    notes: list[str] = []
+    if stage == 3 and shape is not None:
+        # The module being computed is gathered whole (and, when trainable, its full gradient before the
+        # reduce-scatter). FSDP gathers a whole wrapped block, and prefetching holds the next one: a lower bound.
+        largest = shape.largest_layer_params()
+        parameters += largest * b.param
+        gradients += largest * b.grad if lora_params is None else 0
+
+    if shape is None:
+        activations = 0
+        notes.append("activations not estimated: pass shape=ModelShape(...)")
+    else:
+        activations = activation_bytes(
+            shape,
+            seq_len,
+            micro_batch_size,
+            gradient_checkpointing=gradient_checkpointing,
+            precision=precision,
+            flash_attention=flash_attention,
+        )
+
+    return MemoryEstimate(
+        strategy=strategy,
+        world_size=world_size,
+        parameters=parameters,
+        gradients=gradients,
+        optimizer=optimizer,
+        activations=activations,
+        total=parameters + gradients + optimizer + activations,
+        offloaded=offloaded,
+        notes=tuple(notes),
+    )
+
+
+def estimate_for_model(shape: ModelShape, strategy: str, world_size: int, **kw: Any) -> MemoryEstimate:
+    """``estimate_memory`` with the parameter count and activations taken from ``shape``."""
+    return estimate_memory(shape.n_params(), strategy, world_size, shape=shape, **kw)
+
+
+@dataclass(frozen=True)
+class StrategyFit:
+    """One strategy's estimate against a device's usable memory."""
+
+    strategy: str
+    estimate: MemoryEstimate
+    fits: bool
+    usable_bytes: int  # margin * device memory
+    margin: float
+
+    @property
+    def headroom_bytes(self) -> int:
+        """Usable bytes left after the estimate; negative when it does not fit."""
+        return self.usable_bytes - self.estimate.total
+
+
+def plan_strategies(
+    shape: ModelShape,
+    world_size: int,
+    device: Device,
+    *,
+    margin: float = 0.9,
+    seq_len: int = 2048,
+    micro_batch_size: int = 1,
+    gradient_checkpointing: bool = False,
+    lora_params: int | None = None,
+    precision: str = "bf16",
+    flash_attention: bool = False,
+) -> list[StrategyFit]:
+    """Every strategy of ``STRATEGIES`` (in that order) estimated for ``shape`` on ``world_size`` ``device``s.
+
+    ``margin`` is the fraction of device memory a plan may use: the rest is left for what the estimate does
+    not model (allocator fragmentation, NCCL/RCCL buffers, CUDA/HIP context, framework buckets).
+    """
+    if not 0 < margin <= 1:
+        raise ValueError(f"margin is the usable fraction of device memory, in (0, 1]; got {margin}")
+    usable = int(margin * device.memory_bytes)
+    fits = []
+    for strategy in STRATEGIES:
+        estimate = estimate_for_model(
+            shape,
+            strategy,
+            world_size,
+            seq_len=seq_len,
+            micro_batch_size=micro_batch_size,
+            gradient_checkpointing=gradient_checkpointing,
+            precision=precision,
+            lora_params=lora_params,
+            flash_attention=flash_attention,
+        )
+        fits.append(StrategyFit(strategy, estimate, estimate.total <= usable, usable, margin))
+    return fits
+
+
+def recommend(fits: Iterable[StrategyFit]) -> str | None:
+    """The strategy with the least communication that fits (order of ``STRATEGIES``); None if none fits."""
+    fitting = {fit.strategy for fit in fits if fit.fits}
+    return next((strategy for strategy in STRATEGIES if strategy in fitting), None)
+
+
+def format_strategy_table(fits: Sequence[StrategyFit], device: Device) -> str:
+    """A plain-text table of ``plan_strategies`` output (GiB per device) and the recommendation line."""
+    header = ("strategy", "params", "grads", "optimizer", "activations", "total GiB", "fits")
+    rows = [
+        (
+            fit.strategy,
+            f"{fit.estimate.gib('parameters'):.2f}",
+            f"{fit.estimate.gib('gradients'):.2f}",
+            f"{fit.estimate.gib('optimizer'):.2f}",
+            f"{fit.estimate.gib('activations'):.2f}",
+            f"{fit.estimate.total_gib:.2f}",
+            "yes" if fit.fits else "no",
+        )
+        for fit in fits
+    ]
+    widths = [max(len(row[col]) for row in (header, *rows)) for col in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        # Names left-aligned, numbers right-aligned so the decimals line up.
+        padded = [c.ljust(w) if col in (0, 6) else c.rjust(w) for col, (c, w) in enumerate(zip(cells, widths))]
+        return " | ".join(padded).rstrip()
+
+    lines = []
+    if fits:
+        world_size, margin = fits[0].estimate.world_size, fits[0].margin
+        lines.append(
+            f"device {device.name}: {gib(device.memory_bytes):.2f} GiB, usable {gib(fits[0].usable_bytes):.2f} GiB"
+            f" (margin {margin:.2f}), world size {world_size}"
+        )
+    lines += [line(header), "-+-".join("-" * w for w in widths), *(line(row) for row in rows)]
+    for note in dict.fromkeys(note for fit in fits for note in fit.estimate.notes):
+        lines.append(f"note: {note}")
+    choice = recommend(fits)
+    if choice is None:
+        lines.append(
+            "recommendation: none fits; use more devices, gradient checkpointing, a smaller micro batch or offloading"
+        )
+    else:
+        lines.append(f"recommendation: {choice} (least communication that fits)")
+    return "\n".join(lines)

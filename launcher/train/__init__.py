@@ -1,0 +1,1 @@
+"""The training stack, run inside the job: the only package that imports torch, transformers and deepspeed."""

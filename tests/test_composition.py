@@ -1,0 +1,89 @@
+"""Every cluster x strategy x peft composes, validates and renders; the schema rejects bad keys and types."""
+
+from __future__ import annotations
+
+import pytest
+from hydra.errors import ConfigCompositionException
+
+from launcher.config.schema import STRATEGIES
+from launcher.jobplan import make_plan
+from launcher.render import render_script
+from launcher.validation import validate
+from login_helpers import LEONARDO_ACCOUNT, LUMI_ACCOUNT, config
+
+CLUSTERS = {"lumi": [LUMI_ACCOUNT], "leonardo": [LEONARDO_ACCOUNT], "local_slurm": [], None: []}
+
+
+@pytest.mark.parametrize("cluster", list(CLUSTERS))
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("peft", ["none", "lora"])
+def test_every_combination_composes_validates_and_renders(cluster, strategy, peft):
+    overrides = [f"strategy={strategy}", f"peft={peft}", "output_dir=/tmp/launcher-compose-test"]
+    if cluster:
+        overrides += [f"+cluster={cluster}", *CLUSTERS[cluster]]
+    cfg = config(overrides)
+    validate(cfg)
+    assert cfg["strategy"]["name"] == strategy and cfg["peft"]["name"] == peft
+    if cluster:
+        script = render_script(cfg, make_plan(cfg))
+        assert script.startswith("#!/bin/bash")
+        assert "-m submitit.core._submit" in script
+
+
+@pytest.mark.parametrize("model", ["tiny", "llama-1b", "llama-8b", "mistral-7b"])
+def test_model_presets_compose(model):
+    cfg = config([f"model={model}"])
+    assert cfg["model"]["name"] == model
+    assert cfg["model"]["pretrained"] is None
+    assert cfg["model"]["hidden_size"] % cfg["model"]["num_heads"] == 0
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.max_stepz=3", "train.max_stepz"),
+        ("train.max_steps=many", "train.max_steps"),
+        ("nodes=two", "nodes"),
+        ("model.hidden_sise=4", "model.hidden_sise"),
+    ],
+)
+def test_schema_rejects_misspelled_keys_and_wrong_types(override, key):
+    with pytest.raises(ConfigCompositionException) as error:
+        config([override])
+    assert key in str(error.value) + str(error.value.__cause__)
+
+
+def test_keys_added_with_plus_are_checked_against_the_schema():
+    from launcher.errors import ConfigError
+    from launcher.validation import validate
+
+    with pytest.raises(ConfigError) as error:
+        validate(config(["+train.max_stepz=3"]))
+    assert error.value.field == "train.max_stepz" and "train.max_steps" in str(error.value)
+    # Free-form maps (cluster.env, cluster.sbatch_extra) accept new keys.
+    validate(config(["+cluster=local_slurm", "+cluster.env.MY_FLAG=1", "+cluster.sbatch_extra.constraint=x"]))
+
+
+def test_cluster_key_without_cluster_says_what_to_add():
+    from launcher.errors import ConfigError
+
+    with pytest.raises(ConfigError) as error:
+        config(["cluster.partition=small-g"])
+    assert error.value.field == "cluster.partition" and "+cluster=NAME" in str(error.value)
+    assert "lumi" in str(error.value) and "leonardo" in str(error.value)
+
+
+def test_cluster_key_misspelled_is_named():
+    with pytest.raises(ConfigCompositionException) as error:
+        config(["+cluster=lumi", "cluster.acount=project_465000123"])
+    assert "cluster.acount" in str(error.value)
+
+
+def test_data_paths_resolve_to_bundled_examples():
+    for data in ("corpus", "text", "instruction", "chat"):
+        cfg = config([f"data={data}"])
+        assert cfg["data"]["path"].startswith("/") and cfg["data"]["format"]
+
+
+def test_run_name_defaults_to_model_strategy_peft():
+    assert config(["strategy=zero2", "peft=lora"])["run_name"] == "tiny-zero2-lora"
