@@ -1,0 +1,65 @@
+#!/bin/bash
+
+# Parameters
+#SBATCH --account=EUHPC_D35_189
+#SBATCH --cpus-per-task=8
+#SBATCH --exclusive
+#SBATCH --gpus-per-node=4
+#SBATCH --job-name=mistral-7b-fsdp-none
+#SBATCH --mem=480G
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=4
+#SBATCH --open-mode=append
+#SBATCH --output=/leonardo_work/EUHPC_D35_189/runs/mistral-7b-fsdp-none/slurm/%j_0_log.out
+#SBATCH --partition=boost_usr_prod
+#SBATCH --qos=normal
+#SBATCH --requeue
+#SBATCH --signal=USR2@600
+#SBATCH --time=60
+
+# setup
+# --- launcher: common setup (runs in the batch shell, outside any container) ---
+# Placeholders (at-sign + braces) are filled with shell-quoted values by launcher/render.py.
+export LAUNCHER_RUN_DIR=/leonardo_work/EUHPC_D35_189/runs/mistral-7b-fsdp-none
+export LAUNCHER_ATTEMPT=$(( ${SLURM_RESTART_COUNT:-0} + 1 ))
+export LAUNCHER_MAX_REQUEUES=5
+# Rendezvous: Slurm tools exist only out here, not inside the container.
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+export MASTER_ADDR
+# A port derived from the job id: two jobs sharing a node never collide.
+export MASTER_PORT=$(( 10000 + SLURM_JOB_ID % 10000 ))
+mkdir -p "$LAUNCHER_RUN_DIR/logs"
+rm -f "$LAUNCHER_RUN_DIR/.requeue_requested"
+echo "launcher: job ${SLURM_JOB_ID} attempt ${LAUNCHER_ATTEMPT} on ${SLURM_JOB_NODELIST} (rendezvous ${MASTER_ADDR}:${MASTER_PORT})"
+echo "launcher: job ${SLURM_JOB_ID} attempt ${LAUNCHER_ATTEMPT} started $(date -Is) on ${SLURM_JOB_NODELIST}" >> "$LAUNCHER_RUN_DIR/logs/attempts.log"
+# --- cluster.env ---
+export NCCL_IB_TIMEOUT=23
+export CUDA_DEVICE_MAX_CONNECTIONS=1
+export OMP_NUM_THREADS=8
+export HF_HUB_OFFLINE=1
+export HF_DATASETS_OFFLINE=1
+export TRANSFORMERS_OFFLINE=1
+export WANDB_MODE=offline
+# --- Leonardo Booster: Hugging Face caches on $WORK/$FAST, never $HOME (50 GB) ---
+export HF_HOME="${HF_HOME:-${WORK:-$HOME}/.cache/huggingface}"
+
+# command
+export SUBMITIT_EXECUTOR=slurm
+srun --unbuffered --output /leonardo_work/EUHPC_D35_189/runs/mistral-7b-fsdp-none/slurm/%j_%t_log.out --kill-on-bad-exit=1 --cpu-bind=cores singularity exec --nv --env PYTHONPATH=/opt/launcher-src --bind /leonardo_scratch,/leonardo,/leonardo_work,/opt/launcher-src /leonardo_work/EUHPC_D35_189/launcher.sif python -u -m submitit.core._submit /leonardo_work/EUHPC_D35_189/runs/mistral-7b-fsdp-none/slurm
+
+
+# teardown
+# --- launcher: requeue (outside the container, after every task has exited) ---
+launcher_rc=$?
+if [ -f "$LAUNCHER_RUN_DIR/.requeue_requested" ]; then
+  rm -f "$LAUNCHER_RUN_DIR/.requeue_requested"
+  if [ "${SLURM_RESTART_COUNT:-0}" -lt "$LAUNCHER_MAX_REQUEUES" ]; then
+    echo "launcher: checkpoint saved after a stop signal; requeueing job ${SLURM_JOB_ID} (attempt ${LAUNCHER_ATTEMPT} of at most $(( LAUNCHER_MAX_REQUEUES + 1 )))"
+    echo "launcher: job ${SLURM_JOB_ID} attempt ${LAUNCHER_ATTEMPT} requeued $(date -Is)" >> "$LAUNCHER_RUN_DIR/logs/attempts.log"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+  fi
+  echo "launcher: checkpoint saved, but the requeue cap (cluster.max_requeues=${LAUNCHER_MAX_REQUEUES}) is reached; resubmit the same command to continue" >&2
+  exit 1
+fi
+exit "$launcher_rc"

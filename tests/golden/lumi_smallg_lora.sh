@@ -1,0 +1,73 @@
+#!/bin/bash
+
+# Parameters
+#SBATCH --account=project_465000123
+#SBATCH --cpus-per-task=7
+#SBATCH --exclusive
+#SBATCH --gpus-per-node=8
+#SBATCH --job-name=llama-1b-ddp-lora
+#SBATCH --mem-per-gpu=60G
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=8
+#SBATCH --open-mode=append
+#SBATCH --output=/scratch/project_465000123/runs/llama-1b-ddp-lora/slurm/%j_0_log.out
+#SBATCH --partition=small-g
+#SBATCH --requeue
+#SBATCH --signal=USR2@600
+#SBATCH --time=30
+
+# setup
+# --- launcher: common setup (runs in the batch shell, outside any container) ---
+# Placeholders (at-sign + braces) are filled with shell-quoted values by launcher/render.py.
+export LAUNCHER_RUN_DIR=/scratch/project_465000123/runs/llama-1b-ddp-lora
+export LAUNCHER_ATTEMPT=$(( ${SLURM_RESTART_COUNT:-0} + 1 ))
+export LAUNCHER_MAX_REQUEUES=5
+# Rendezvous: Slurm tools exist only out here, not inside the container.
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+export MASTER_ADDR
+# A port derived from the job id: two jobs sharing a node never collide.
+export MASTER_PORT=$(( 10000 + SLURM_JOB_ID % 10000 ))
+mkdir -p "$LAUNCHER_RUN_DIR/logs"
+rm -f "$LAUNCHER_RUN_DIR/.requeue_requested"
+echo "launcher: job ${SLURM_JOB_ID} attempt ${LAUNCHER_ATTEMPT} on ${SLURM_JOB_NODELIST} (rendezvous ${MASTER_ADDR}:${MASTER_PORT})"
+echo "launcher: job ${SLURM_JOB_ID} attempt ${LAUNCHER_ATTEMPT} started $(date -Is) on ${SLURM_JOB_NODELIST}" >> "$LAUNCHER_RUN_DIR/logs/attempts.log"
+# --- cluster.env ---
+export NCCL_SOCKET_IFNAME=hsn0,hsn1,hsn2,hsn3
+export CXI_FORK_SAFE=1
+export CXI_FORK_SAFE_HP=1
+export FI_CXI_DISABLE_CQ_HUGETLB=1
+export FI_CXI_DEFAULT_CQ_SIZE=131072
+export GPU_MAX_HW_QUEUES=8
+export OMP_NUM_THREADS=7
+export HF_HUB_OFFLINE=1
+export HF_DATASETS_OFFLINE=1
+export TRANSFORMERS_OFFLINE=1
+export WANDB_MODE=offline
+# --- LUMI-G: node-local MIOpen cache (never on Lustre: a shared SQLite cache corrupts), one per job ---
+export MIOPEN_USER_DB_PATH="/tmp/${USER:-$(whoami)}-miopen-cache-${SLURM_JOB_ID}"
+export MIOPEN_CUSTOM_CACHE_DIR="$MIOPEN_USER_DB_PATH"
+# Created once per node, before the training tasks start.
+srun --ntasks="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 mkdir -p "$MIOPEN_USER_DB_PATH"
+# Hugging Face caches on scratch, never $HOME (20 GB). Bound into the container by cluster.container.binds.
+export HF_HOME="${HF_HOME:-/scratch/${SLURM_JOB_ACCOUNT}/${USER:-$(whoami)}/.cache/huggingface}"
+
+# command
+export SUBMITIT_EXECUTOR=slurm
+srun --unbuffered --output /scratch/project_465000123/runs/llama-1b-ddp-lora/slurm/%j_%t_log.out --kill-on-bad-exit=1 --cpu-bind=mask_cpu:0x00fe000000000000,0xfe00000000000000,0x0000000000fe0000,0x00000000fe000000,0x00000000000000fe,0x000000000000fe00,0x000000fe00000000,0x0000fe0000000000 singularity exec --env PYTHONPATH=/opt/launcher-src --bind /var/spool/slurmd,/opt/cray,/usr/lib64/libcxi.so.1,/pfs,/scratch,/projappl,/project,/flash,/appl,/opt/launcher-src /appl/local/containers/sif-images/lumi-pytorch-rocm-6.2.4-python-3.12-pytorch-v2.7.1.sif python -u -m submitit.core._submit /scratch/project_465000123/runs/llama-1b-ddp-lora/slurm
+
+
+# teardown
+# --- launcher: requeue (outside the container, after every task has exited) ---
+launcher_rc=$?
+if [ -f "$LAUNCHER_RUN_DIR/.requeue_requested" ]; then
+  rm -f "$LAUNCHER_RUN_DIR/.requeue_requested"
+  if [ "${SLURM_RESTART_COUNT:-0}" -lt "$LAUNCHER_MAX_REQUEUES" ]; then
+    echo "launcher: checkpoint saved after a stop signal; requeueing job ${SLURM_JOB_ID} (attempt ${LAUNCHER_ATTEMPT} of at most $(( LAUNCHER_MAX_REQUEUES + 1 )))"
+    echo "launcher: job ${SLURM_JOB_ID} attempt ${LAUNCHER_ATTEMPT} requeued $(date -Is)" >> "$LAUNCHER_RUN_DIR/logs/attempts.log"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+  fi
+  echo "launcher: checkpoint saved, but the requeue cap (cluster.max_requeues=${LAUNCHER_MAX_REQUEUES}) is reached; resubmit the same command to continue" >&2
+  exit 1
+fi
+exit "$launcher_rc"

@@ -1,0 +1,92 @@
+"""The rendered batch scripts: golden files for LUMI and Leonardo, and what a correct job needs.
+
+Regenerate the golden files after an intended change:  UPDATE_GOLDEN=1 python -m pytest tests/test_render.py
+then review the diff of tests/golden/ before committing it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+
+import pytest
+
+import launcher.render
+from launcher.jobplan import make_plan
+from launcher.render import render_script
+from launcher.validation import validate
+from login_helpers import LEONARDO_ACCOUNT, LUMI_ACCOUNT, config
+
+GOLDEN = Path(__file__).parent / "golden"
+CASES = {
+    "lumi_zero3_4nodes.sh": ["+cluster=lumi", LUMI_ACCOUNT, "model=llama-8b", "strategy=zero3", "nodes=4",
+                             "cluster.time=12:00:00", "output_dir=/scratch/project_465000123/runs"],
+    "lumi_smallg_lora.sh": ["+cluster=lumi", LUMI_ACCOUNT, "model=llama-1b", "peft=lora", "cluster.partition=small-g",
+                            "cluster.time=00:30:00", "output_dir=/scratch/project_465000123/runs"],
+    "leonardo_fsdp_2nodes.sh": ["+cluster=leonardo", LEONARDO_ACCOUNT, "model=mistral-7b", "strategy=fsdp", "nodes=2",
+                                "cluster.container.image=/leonardo_work/EUHPC_D35_189/launcher.sif",
+                                "output_dir=/leonardo_work/EUHPC_D35_189/runs"],
+    "leonardo_dbg_zero2.sh": ["+cluster=leonardo", LEONARDO_ACCOUNT, "strategy=zero2", "cluster.qos=boost_qos_dbg",
+                              "cluster.time=00:20:00", "cluster.container.image=/leonardo_work/EUHPC_D35_189/l.sif",
+                              "output_dir=/leonardo_work/EUHPC_D35_189/runs", "cluster.signal_lead_s=300"],
+}
+
+
+@pytest.fixture(autouse=True)
+def fixed_code_dir(monkeypatch):
+    # The checkout's location differs between machines; the golden files use a fixed one.
+    monkeypatch.setattr(launcher.render, "code_dir", lambda: Path("/opt/launcher-src"))
+
+
+def rendered(overrides):
+    cfg = config(overrides)
+    validate(cfg)
+    return render_script(cfg, make_plan(cfg))
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_golden_script(name):
+    script = rendered(CASES[name])
+    path = GOLDEN / name
+    if os.environ.get("UPDATE_GOLDEN"):
+        path.write_text(script)
+    expected = path.read_text()
+    if script != expected:
+        diff = "".join(difflib.unified_diff(expected.splitlines(True), script.splitlines(True), str(path), "rendered"))
+        pytest.fail(f"{name} differs from its golden file (UPDATE_GOLDEN=1 to regenerate, then review):\n{diff}")
+
+
+def test_lumi_script_has_what_lumi_needs():
+    script = rendered(CASES["lumi_zero3_4nodes.sh"])
+    assert "#SBATCH --account=project_465000123" in script
+    assert "#SBATCH --ntasks-per-node=8" in script and "#SBATCH --cpus-per-task=7" in script
+    assert "#SBATCH --gpus-per-node=8" in script and "#SBATCH --nodes=4" in script
+    assert "--cpu-bind=mask_cpu:0x00fe000000000000,0xfe00000000000000,0x0000000000fe0000," in script
+    assert "export NCCL_SOCKET_IFNAME=hsn0,hsn1,hsn2,hsn3" in script
+    assert 'export MIOPEN_USER_DB_PATH="/tmp/' in script and "MIOPEN_CUSTOM_CACHE_DIR" in script
+    assert "--ntasks-per-node=1 mkdir -p" in script  # the cache made once per node
+    setup, command = script.split("# command")
+    assert "scontrol show hostnames" in setup and "MASTER_PORT=$(( 10000 + SLURM_JOB_ID % 10000 ))" in setup
+    assert "singularity exec" in command and "--bind /var/spool/slurmd,/opt/cray" in command
+    assert "HF_HUB_OFFLINE=1" in setup and "#SBATCH --signal=USR2@600" in script
+    assert "scontrol requeue" in script.split("# teardown")[1]
+
+
+def test_leonardo_script_has_what_leonardo_needs():
+    script = rendered(CASES["leonardo_fsdp_2nodes.sh"])
+    for line in ("#SBATCH --account=EUHPC_D35_189", "#SBATCH --partition=boost_usr_prod", "#SBATCH --qos=normal",
+                 "#SBATCH --gpus-per-node=4", "#SBATCH --ntasks-per-node=4", "#SBATCH --cpus-per-task=8",
+                 "#SBATCH --nodes=2", "export NCCL_IB_TIMEOUT=23", "export TRANSFORMERS_OFFLINE=1"):
+        assert line in script, line
+    assert "singularity exec --nv" in script
+    assert "--bind /leonardo_scratch,/leonardo,/leonardo_work" in script
+    assert "CUDA_VISIBLE_DEVICES" not in script  # Slurm's own GPU binding is kept
+
+
+def test_sbatch_lines_never_contain_shell_variables():
+    # sbatch does not expand variables in #SBATCH lines (a known defect of some peers' scripts).
+    for overrides in CASES.values():
+        for line in rendered(overrides).splitlines():
+            if line.startswith("#SBATCH"):
+                assert "$" not in line, line
