@@ -77,15 +77,37 @@ def _hydra_task(cfg: DictConfig) -> None:
         sys.exit(code)
 
 
-def main() -> None:
-    import hydra
+def _is_plain_run(argv: list[str]) -> bool:
+    """A single run with only config overrides: no -m, no --help/--cfg/..., no hydra.* keys."""
+    return all(not arg.startswith("-") and not arg.lstrip("+~").startswith("hydra") for arg in argv)
 
+
+def main() -> None:
+    argv = sys.argv[1:]
     setup_hydra()
     try:
-        check_overrides(sys.argv[1:])
+        check_overrides(argv)
+        if _is_plain_run(argv):
+            # Fast path for the login node: one composition with Hydra's compose API (the same defaults and
+            # override grammar). hydra.main composes twice and sets up logging and job runtime we do not use.
+            from hydra.errors import HydraException
+
+            from launcher.config import compose
+
+            try:
+                cfg = compose(argv)
+            except HydraException as error:
+                # Same message as hydra.main gives, without the traceback: the key and why it failed.
+                cause = f"\n{error.__cause__}" if error.__cause__ else ""
+                print(f"launcher: error: {error}{cause}", file=sys.stderr)
+                sys.exit(2)
+            _hydra_task(cfg)
+            return
     except ConfigError as error:
         print(f"launcher: error: {error}", file=sys.stderr)
         sys.exit(2)
+    import hydra
+
     hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_hydra_task)()
 
 
