@@ -36,13 +36,18 @@ def _launch_cluster(cfg: Mapping[str, Any]) -> int:
     plan = make_plan(cfg)
     script = render_script(cfg, plan)
     if cfg["dry_run"]:
+        from launcher.memory_check import memory_report
+
         path = write_script(plan.run_dir, script)
         print(f"launcher: dry run, nothing submitted\n{cluster_summary(cfg, plan)}\n  script    {path}\n")
+        print(f"memory per device ({cfg['model']['name']}, {plan.nodes} nodes):\n{memory_report(cfg, plan.world_size)}\n")
         print(script)
         return 0
+    from launcher.memory_check import check_fits
     from launcher.submit import check_slurm_available, submit
 
     check_slurm_available()
+    check_fits(cfg, plan.world_size)
     write_config(plan.run_dir, {**cfg, "output_dir": str(plan.run_dir.parent)})
     write_script(plan.run_dir, script)
     job = submit(cfg, plan)

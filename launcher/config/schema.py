@@ -174,6 +174,8 @@ class LauncherConfig:
     run_name: str = MISSING
     output_dir: str = "./runs"
     export_only: bool = False
+    # Submit even when the memory estimate says the strategy does not fit a device.
+    ignore_memory_estimate: bool = False
     cluster: Optional[ClusterConfig] = None
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

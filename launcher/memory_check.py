@@ -1,0 +1,57 @@
+"""The memory plan shown by every dry run, and the check that stops a submission that would run out of memory."""
+
+from __future__ import annotations
+
+from typing import Any, List, Mapping, Tuple
+
+from launcher.errors import ConfigError
+from launcher.planning import ModelShape, StrategyFit, format_strategy_table, get_device, plan_strategies
+from launcher.planning.devices import Device
+
+
+def strategy_fits(cfg: Mapping[str, Any], world_size: int) -> Tuple[List[StrategyFit], Device]:
+    cluster = cfg["cluster"] or {}
+    device = get_device(cluster.get("device", "cpu"))
+    on_gpu = device.name != "cpu"
+    precision = cfg["strategy"]["precision"]
+    if precision == "auto":
+        precision = "bf16" if on_gpu else "fp32"
+    shape = ModelShape.from_config(_Attrs(cfg["model"]))
+    lora = None
+    if cfg["peft"]["name"] == "lora":
+        lora = shape.lora_params(cfg["peft"]["r"], target_modules=tuple(cfg["peft"]["target_modules"]))
+    fits = plan_strategies(
+        shape, world_size, device,
+        seq_len=cfg["train"]["seq_len"], micro_batch_size=cfg["train"]["micro_batch_size"],
+        gradient_checkpointing=cfg["model"]["gradient_checkpointing"], lora_params=lora, precision=precision,
+        # Training uses PyTorch SDPA, which takes the flash / memory-efficient kernels on GPUs.
+        flash_attention=on_gpu,
+    )
+    return fits, device
+
+
+def memory_report(cfg: Mapping[str, Any], world_size: int) -> str:
+    fits, device = strategy_fits(cfg, world_size)
+    return format_strategy_table(fits, device)
+
+
+def check_fits(cfg: Mapping[str, Any], world_size: int) -> None:
+    """Refuse a submission whose chosen strategy does not fit, unless ignore_memory_estimate=true."""
+    if cfg["ignore_memory_estimate"]:
+        return
+    fits, device = strategy_fits(cfg, world_size)
+    chosen = next(fit for fit in fits if fit.strategy == cfg["strategy"]["name"])
+    if not chosen.fits:
+        raise ConfigError(
+            "strategy", chosen.strategy,
+            f"a strategy whose estimate fits {device.name} "
+            f"({chosen.estimate.total_gib:.1f} GiB needed per device)\n{format_strategy_table(fits, device)}\n",
+            "set ignore_memory_estimate=true to submit anyway",
+        )
+
+
+class _Attrs:
+    """Attribute access over a config dict (ModelShape.from_config reads attributes)."""
+
+    def __init__(self, values: Mapping[str, Any]) -> None:
+        self.__dict__.update(values)

@@ -1,0 +1,61 @@
+"""The dry run's memory plan (golden tables for an 8B model) and the check that refuses what cannot fit.
+
+Regenerate: UPDATE_GOLDEN=1 python -m pytest tests/test_memory_check.py, then review tests/golden/plan_*.txt.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from launcher.errors import ConfigError
+from launcher.jobplan import make_plan
+from launcher.memory_check import check_fits, memory_report
+from login_helpers import LEONARDO_ACCOUNT, LUMI_ACCOUNT, config, run_launcher
+
+GOLDEN = Path(__file__).parent / "golden"
+MACHINES = {"lumi": LUMI_ACCOUNT, "leonardo": LEONARDO_ACCOUNT}
+EIGHT_B = ["model=llama-8b", "train.seq_len=4096", "train.micro_batch_size=1", "model.gradient_checkpointing=true"]
+
+
+def tables(machine: str) -> str:
+    parts = []
+    for nodes in (1, 4, 16):
+        cfg = config([f"+cluster={machine}", MACHINES[machine], f"nodes={nodes}", *EIGHT_B])
+        parts.append(f"## {machine}, {nodes} nodes\n{memory_report(cfg, make_plan(cfg).world_size)}\n")
+    return "\n".join(parts)
+
+
+@pytest.mark.parametrize("machine", sorted(MACHINES))
+def test_golden_planning_table(machine):
+    path = GOLDEN / f"plan_{machine}_llama-8b.txt"
+    text = tables(machine)
+    if os.environ.get("UPDATE_GOLDEN"):
+        path.write_text(text)
+    assert text == path.read_text(), f"planning table changed (UPDATE_GOLDEN=1 to regenerate):\n{text}"
+
+
+def test_ddp_8b_does_not_fit_and_is_refused_with_the_table():
+    cfg = config(["+cluster=leonardo", LEONARDO_ACCOUNT, *EIGHT_B])
+    with pytest.raises(ConfigError) as error:
+        check_fits(cfg, make_plan(cfg).world_size)
+    message = str(error.value)
+    assert error.value.field == "strategy" and "ddp" in message
+    assert "recommendation: zero1" in message and "ignore_memory_estimate=true" in message
+    check_fits({**cfg, "ignore_memory_estimate": True}, 4)  # the explicit override
+    check_fits(config(["+cluster=leonardo", LEONARDO_ACCOUNT, "strategy=zero3", *EIGHT_B]), 4)
+
+
+def test_submission_that_does_not_fit_stops_before_sbatch(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("sbatch", "srun"):  # present, but must never be called
+        (bin_dir / name).write_text(f"#!/bin/sh\ntouch {tmp_path}/{name}-called\n")
+        (bin_dir / name).chmod(0o755)
+    done = run_launcher(["+cluster=leonardo", LEONARDO_ACCOUNT, *EIGHT_B], cwd=tmp_path,
+                        env={"PATH": f"{bin_dir}:/usr/bin:/bin"})
+    assert done.returncode == 2, done.stderr
+    assert "does not fit" in done.stderr or "fits" in done.stderr
+    assert not list(tmp_path.glob("*-called"))
