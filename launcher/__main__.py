@@ -74,12 +74,23 @@ def _launch_local(cfg: Mapping[str, Any]) -> int:
 
 def _hydra_task(cfg: DictConfig) -> None:
     try:
-        code = launch(as_container(cfg))
+        code = launch(_sweep_point(as_container(cfg)))
     except ConfigError as error:
         print(f"launcher: error: {error}", file=sys.stderr)
         sys.exit(2)
     if code:
         sys.exit(code)
+
+
+def _sweep_point(cfg: dict) -> dict:
+    """Under -m, name the point's run directory after its swept values (each point is its own run)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized() or str(HydraConfig.get().mode) != "RunMode.MULTIRUN":
+        return cfg
+    from launcher.sweep import name_sweep_point
+
+    return name_sweep_point(cfg, sys.argv[1:], list(HydraConfig.get().overrides.task))
 
 
 def _is_plain_run(argv: list[str]) -> bool:
