@@ -369,7 +369,8 @@ def default_output(cluster_name: str, cluster: Mapping[str, Any]) -> str:
     ``/appl`` base images), else the machine's project location."""
     profile = BUILD_PROFILES[cluster_name]
     image = str(((cluster.get("container") or {}).get("image")) or "")
-    if image and not image.startswith(profile.read_only_prefixes):
+    # A profile image interpolated from a missing account reads ".../None/...": not a place to build into.
+    if image and not image.startswith(profile.read_only_prefixes) and "/None/" not in image:
         return image
     if profile.default_output and cluster.get("account"):
         return profile.default_output.format(account=cluster["account"])

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import shlex
 import string
-import sys
 from pathlib import Path
 from typing import Any, Dict, List, Mapping
 
+from launcher import container as containers
 from launcher.jobplan import JobPlan, job_name
 from launcher.paths import PACKAGE_DIR, TEMPLATES_DIR
 
@@ -36,6 +36,8 @@ def setup_lines(cfg: Mapping[str, Any], plan: JobPlan) -> List[str]:
         lines += [f"export {name}={shlex.quote(str(value))}" for name, value in cluster["env"].items()]
     if cluster["setup_template"]:
         lines += read_template(cluster["setup_template"], run_dir=plan.run_dir)
+    # Last: forwards variables set above (MASTER_ADDR, HF_HOME, ...) into the container by name.
+    lines += containers.batch_setup_lines(cluster)
     return lines
 
 
@@ -45,23 +47,9 @@ def code_dir() -> Path | None:
     return None if root.name in ("site-packages", "dist-packages") else root
 
 
-def python_command(cluster: Mapping[str, Any]) -> str:
-    """What srun starts on each task: the container's python, or a plain interpreter."""
-    container = cluster.get("container")
-    if not container:
-        return cluster["python"] or shlex.quote(sys.executable)
-    args = [container["runtime"], "exec"]
-    if container["gpu_flag"]:
-        args.append(container["gpu_flag"])
-    binds = list(container["binds"])
-    source = code_dir()
-    if source is not None:
-        binds.append(str(source))
-        args += ["--env", f"PYTHONPATH={source}"]
-    if binds:
-        args += ["--bind", ",".join(binds)]
-    args += [container["image"], container["python"]]
-    return " ".join(shlex.quote(arg) for arg in args)
+def python_command(cfg: Mapping[str, Any], plan: JobPlan) -> str:
+    """What srun starts on each task: the container's python (binding the code and run directory), or a plain one."""
+    return containers.command_prefix(cfg["cluster"], code_dir=code_dir(), paths=[plan.run_dir])
 
 
 def srun_args(cluster: Mapping[str, Any]) -> List[str]:
@@ -115,5 +103,5 @@ def render_script(cfg: Mapping[str, Any], plan: JobPlan) -> str:
     from submitit.slurm.slurm import _make_sbatch_string
 
     params = submitit_parameters(cfg, plan)
-    command = submit_command(python_command(cfg["cluster"]), plan.slurm_folder)
+    command = submit_command(python_command(cfg, plan), plan.slurm_folder)
     return _make_sbatch_string(command=command, folder=plan.slurm_folder, **params)

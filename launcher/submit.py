@@ -28,7 +28,7 @@ def submit(cfg: Mapping[str, Any], plan: JobPlan) -> Any:
     cluster = cfg["cluster"]
     # Requeue is ours (slurm_templates/common_teardown.sh); submitit's own counter must never refuse it first.
     executor = submitit.SlurmExecutor(
-        folder=plan.slurm_folder, python=python_command(cluster), max_num_timeout=cluster["max_requeues"] + 1000
+        folder=plan.slurm_folder, python=python_command(cfg, plan), max_num_timeout=cluster["max_requeues"] + 1000
     )
     executor.update_parameters(**submitit_parameters(cfg, plan))
     return executor.submit(train_task, str(plan.run_dir))

@@ -73,8 +73,9 @@ def test_recipe_header_and_sections(recipes, name, bootstrap, source):
 
 def test_lumi_base_image_is_the_lumi_pytorch_image_of_the_cluster_profile(recipes):
     assert recipes["lumi"].arguments["BASE_IMAGE"] == LUMI_BASE
-    # The same image the LUMI profile names as its container today (shared/reference/clusters.md).
-    assert config(["+cluster=lumi"])["cluster"]["container"]["image"] == LUMI_BASE
+    # The profile runs the image built from this recipe (the bare base image lacks submitit, peft and the project).
+    image = config(["+cluster=lumi", "cluster.account=project_465000123"])["cluster"]["container"]["image"]
+    assert image == "/project/project_465000123/containers/launcher-lumi.sif"
     # sif-images entries are symlinks that change: the recipe says so and says to copy the image.
     arguments = recipes["lumi"].sections["arguments"]
     assert "symlinks" in arguments and "cp -L" in arguments
@@ -201,7 +202,7 @@ def test_lumi_command_binds_the_machine_and_the_checkout():
     assert binds[-1] == "/users/me/launcher"  # the checkout: not under a machine bind
     assert "/scratch/project_465000123/runs/a" not in binds  # covered by /scratch
     assert argv[argv.index("--env") + 1] == "PYTHONPATH=/users/me/launcher"
-    assert argv[-2:] == [LUMI_BASE, "python"]
+    assert argv[-2:] == ["/project/project_465000123/containers/launcher-lumi.sif", "python"]
 
 
 def test_leonardo_command_uses_nv_and_binds_uncovered_paths_once():
@@ -417,7 +418,7 @@ def test_cli_prints_the_lumi_build():
     assert "module load LUMI systools" in lines
     assert lines[-1] == (f"singularity build --build-arg PROJECT_DIR={REPO} "
                          f"/project/project_465000123/containers/launcher-lumi.sif {RECIPES / 'lumi.def'}")
-    # Without an account or output= there is nowhere writable to put it (the profile image is LUMI's own).
+    # Without an account or output= there is nowhere to put it.
     done = run_cli(["build", "+cluster=lumi"])
     assert done.returncode == 2 and "output=" in done.stderr and "Traceback" not in done.stderr
 

@@ -42,10 +42,27 @@ export TRANSFORMERS_OFFLINE=1
 export WANDB_MODE=offline
 # --- Leonardo Booster: Hugging Face caches on $WORK/$FAST, never $HOME (50 GB) ---
 export HF_HOME="${HF_HOME:-${WORK:-$HOME}/.cache/huggingface}"
+# --- container: the job's environment goes in by name; values stay in the environment (launcher/container.py) ---
+for launcher_var in MASTER_ADDR MASTER_PORT LAUNCHER_RUN_DIR LAUNCHER_ATTEMPT LAUNCHER_MAX_REQUEUES HF_HOME \
+     HF_HUB_CACHE HF_DATASETS_CACHE TORCH_HOME TORCH_EXTENSIONS_DIR TRITON_CACHE_DIR MIOPEN_USER_DB_PATH \
+     MIOPEN_CUSTOM_CACHE_DIR HF_HUB_OFFLINE HF_DATASETS_OFFLINE TRANSFORMERS_OFFLINE WANDB_MODE HF_TOKEN \
+     WANDB_API_KEY NCCL_DEBUG NCCL_DEBUG_SUBSYS NCCL_IB_TIMEOUT CUDA_DEVICE_MAX_CONNECTIONS OMP_NUM_THREADS; do
+  if [ -n "${!launcher_var+x}" ]; then export "SINGULARITYENV_${launcher_var}=${!launcher_var}"; fi
+done
+unset launcher_var
+# $HF_HOME must be visible inside: bound unless a configured bind covers it
+if [ -n "${HF_HOME:-}" ]; then
+  mkdir -p "$HF_HOME"
+  case "$HF_HOME" in
+    *,*|*:*) echo "launcher: HF_HOME=$HF_HOME cannot be bound (comma or colon)" >&2 ;;
+    /leonardo_scratch|/leonardo_scratch/*|/leonardo|/leonardo/*|/leonardo_work|/leonardo_work/*) ;;
+    *) export SINGULARITY_BIND="${SINGULARITY_BIND:+$SINGULARITY_BIND,}$HF_HOME" ;;
+  esac
+fi
 
 # command
 export SUBMITIT_EXECUTOR=slurm
-srun --unbuffered --output /leonardo_work/EUHPC_D35_189/runs/tiny-zero2-none/slurm/%j_%t_log.out --kill-on-bad-exit=1 --cpu-bind=cores singularity exec --nv --env PYTHONPATH=/opt/launcher-src --bind /leonardo_scratch,/leonardo,/leonardo_work,/opt/launcher-src /leonardo_work/EUHPC_D35_189/l.sif python -u -m submitit.core._submit /leonardo_work/EUHPC_D35_189/runs/tiny-zero2-none/slurm
+srun --unbuffered --output /leonardo_work/EUHPC_D35_189/runs/tiny-zero2-none/slurm/%j_%t_log.out --kill-on-bad-exit=1 --cpu-bind=cores singularity exec --nv --bind /leonardo_scratch,/leonardo,/leonardo_work,/opt/launcher-src --env PYTHONPATH=/opt/launcher-src /leonardo_work/EUHPC_D35_189/l.sif python -u -m submitit.core._submit /leonardo_work/EUHPC_D35_189/runs/tiny-zero2-none/slurm
 
 
 # teardown

@@ -50,10 +50,28 @@ export MIOPEN_CUSTOM_CACHE_DIR="$MIOPEN_USER_DB_PATH"
 srun --ntasks="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 mkdir -p "$MIOPEN_USER_DB_PATH"
 # Hugging Face caches on scratch, never $HOME (20 GB). Bound into the container by cluster.container.binds.
 export HF_HOME="${HF_HOME:-/scratch/${SLURM_JOB_ACCOUNT}/${USER:-$(whoami)}/.cache/huggingface}"
+# --- container: the job's environment goes in by name; values stay in the environment (launcher/container.py) ---
+for launcher_var in MASTER_ADDR MASTER_PORT LAUNCHER_RUN_DIR LAUNCHER_ATTEMPT LAUNCHER_MAX_REQUEUES HF_HOME \
+     HF_HUB_CACHE HF_DATASETS_CACHE TORCH_HOME TORCH_EXTENSIONS_DIR TRITON_CACHE_DIR MIOPEN_USER_DB_PATH \
+     MIOPEN_CUSTOM_CACHE_DIR HF_HUB_OFFLINE HF_DATASETS_OFFLINE TRANSFORMERS_OFFLINE WANDB_MODE HF_TOKEN \
+     WANDB_API_KEY NCCL_DEBUG NCCL_DEBUG_SUBSYS NCCL_SOCKET_IFNAME CXI_FORK_SAFE CXI_FORK_SAFE_HP \
+     FI_CXI_DISABLE_CQ_HUGETLB FI_CXI_DEFAULT_CQ_SIZE GPU_MAX_HW_QUEUES OMP_NUM_THREADS; do
+  if [ -n "${!launcher_var+x}" ]; then export "SINGULARITYENV_${launcher_var}=${!launcher_var}"; fi
+done
+unset launcher_var
+# $HF_HOME must be visible inside: bound unless a configured bind covers it
+if [ -n "${HF_HOME:-}" ]; then
+  mkdir -p "$HF_HOME"
+  case "$HF_HOME" in
+    *,*|*:*) echo "launcher: HF_HOME=$HF_HOME cannot be bound (comma or colon)" >&2 ;;
+    /var/spool/slurmd|/var/spool/slurmd/*|/opt/cray|/opt/cray/*|/usr/lib64/libcxi.so.1|/usr/lib64/libcxi.so.1/*|/pfs|/pfs/*|/scratch|/scratch/*|/projappl|/projappl/*|/project|/project/*|/flash|/flash/*|/appl|/appl/*) ;;
+    *) export SINGULARITY_BIND="${SINGULARITY_BIND:+$SINGULARITY_BIND,}$HF_HOME" ;;
+  esac
+fi
 
 # command
 export SUBMITIT_EXECUTOR=slurm
-srun --unbuffered --output /scratch/project_465000123/runs/llama-1b-ddp-lora/slurm/%j_%t_log.out --kill-on-bad-exit=1 --cpu-bind=mask_cpu:0x00fe000000000000,0xfe00000000000000,0x0000000000fe0000,0x00000000fe000000,0x00000000000000fe,0x000000000000fe00,0x000000fe00000000,0x0000fe0000000000 singularity exec --env PYTHONPATH=/opt/launcher-src --bind /var/spool/slurmd,/opt/cray,/usr/lib64/libcxi.so.1,/pfs,/scratch,/projappl,/project,/flash,/appl,/opt/launcher-src /appl/local/containers/sif-images/lumi-pytorch-rocm-6.2.4-python-3.12-pytorch-v2.7.1.sif python -u -m submitit.core._submit /scratch/project_465000123/runs/llama-1b-ddp-lora/slurm
+srun --unbuffered --output /scratch/project_465000123/runs/llama-1b-ddp-lora/slurm/%j_%t_log.out --kill-on-bad-exit=1 --cpu-bind=mask_cpu:0x00fe000000000000,0xfe00000000000000,0x0000000000fe0000,0x00000000fe000000,0x00000000000000fe,0x000000000000fe00,0x000000fe00000000,0x0000fe0000000000 singularity exec --bind /var/spool/slurmd,/opt/cray,/usr/lib64/libcxi.so.1,/pfs,/scratch,/projappl,/project,/flash,/appl,/opt/launcher-src --env PYTHONPATH=/opt/launcher-src /project/project_465000123/containers/launcher-lumi.sif python -u -m submitit.core._submit /scratch/project_465000123/runs/llama-1b-ddp-lora/slurm
 
 
 # teardown
