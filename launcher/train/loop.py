@@ -1,0 +1,224 @@
+"""The training loop: micro-batches, optimizer steps, logging, evaluation, checkpoints and the stop protocol.
+
+Per step (``grad_accum`` micro-batches per rank):
+
+    for each micro-batch: batch = split.collate(sampler.next_indices()); strategy.forward_backward(batch)
+    strategy.step()                                   clip, optimizer, scheduler
+    every train.log_every steps: one all-reduce of the loss, one host sync, one metrics line
+    every train.eval_every steps (and at the end): train.eval_batches batches of the held-out split
+    every step: one tiny all-reduce (MAX) of [stop requested, time-based save due] so that all ranks agree
+    every train.save_every steps, on time (train.save_every_minutes), at the end, or when stopping: a checkpoint
+
+Between log steps there is no host synchronisation: losses accumulate on the device.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+import torch.distributed as dist
+
+from launcher.train import distributed as D
+from launcher.train.metrics import MetricsFile, Progress, device_peak_tflops, peak_memory_gb
+
+FINISHED = "finished"
+STOPPED = "stopped"
+# The stop/save-on-time agreement runs every this many steps (an all-reduce of two numbers).
+STOP_CHECK_EVERY = 1
+
+
+@dataclass
+class LoopState:
+    step: int = 0
+    tokens: int = 0  # tokens trained so far (all ranks, padding included)
+    elapsed_s: float = 0.0  # wall time of earlier attempts (from the checkpoint)
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+class Trainer:
+    def __init__(
+        self,
+        *,
+        cfg: Any,
+        env: D.DistEnv,
+        strategy: Any,
+        splits: Any,
+        sampler: Any,
+        checkpoints: Any,
+        metrics: MetricsFile,
+        flops_per_token: float,
+        state: LoopState,
+        trainer_state_extra: Dict[str, Any],
+        tensorboard: Any = None,
+    ) -> None:
+        self.cfg = cfg
+        self.env = env
+        self.strategy = strategy
+        self.splits = splits
+        self.sampler = sampler
+        self.checkpoints = checkpoints
+        self.metrics = metrics
+        self.flops_per_token = flops_per_token
+        self.state = state
+        self.extra = trainer_state_extra
+        self.tensorboard = tensorboard
+        train = cfg.train
+        self.max_steps = int(train.max_steps)
+        self.accum = int(train.grad_accum)
+        self.log_every = max(1, int(train.log_every))
+        self.eval_every = int(train.eval_every or 0)
+        self.save_every = int(train.save_every or 0)
+        self.save_every_s = float(train.save_every_minutes) * 60 if train.save_every_minutes else None
+        self.sleep_s = float(train.debug_step_sleep_s or 0.0)
+        self.tokens_per_step = int(train.micro_batch_size) * self.accum * env.world_size * splits.train.seq_len
+        cluster = cfg.cluster or {}
+        peak = device_peak_tflops(cluster.get("device") if hasattr(cluster, "get") else None)
+        self.peak_flops = peak * 1e12 if peak else None
+        self.progress = Progress(
+            total=self.max_steps, initial=state.step, enabled=env.is_main,
+            every=max(self.log_every, self.max_steps // 50 if self.max_steps > 200 else 1),
+        )
+        self.last_saved_step: Optional[int] = state.step if state.step > 0 else None
+
+    # -------------------------------------------------------------------------------------------------------------
+    def train(self) -> str:
+        device = self.env.device
+        strategy = self.strategy
+        split = self.splits.train
+        attempt_start = time.perf_counter()
+        self._last_save_time = time.monotonic()
+        window_start = time.perf_counter()
+        window_steps = 0
+        window_excluded = 0.0
+        loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+        grad_norm = torch.zeros((), dtype=torch.float32, device=device)
+        strategy.train_mode()
+        outcome = FINISHED
+        if self.state.step >= self.max_steps:
+            self.progress.message(f"already at step {self.state.step} of {self.max_steps}: nothing to train")
+        for step in range(self.state.step + 1, self.max_steps + 1):
+            lr = strategy.lr
+            for micro in range(self.accum):
+                batch = split.collate(self.sampler.next_indices())
+                loss_sum += strategy.forward_backward(batch, last=micro == self.accum - 1)
+            grad_norm = strategy.step()
+            if self.sleep_s:
+                time.sleep(self.sleep_s)
+            window_steps += 1
+            self.state.step = step
+            self.state.tokens += self.tokens_per_step
+
+            if step % self.log_every == 0 or step == self.max_steps:
+                elapsed = time.perf_counter() - window_start - window_excluded
+                self._log_train(step, loss_sum, window_steps, grad_norm, lr, elapsed,
+                                self.state.elapsed_s + time.perf_counter() - attempt_start)
+                loss_sum.zero_()
+                window_start, window_steps, window_excluded = time.perf_counter(), 0, 0.0
+
+            if self.eval_every and (step % self.eval_every == 0 or step == self.max_steps):
+                paused = time.perf_counter()
+                self.evaluate(step)
+                window_excluded += time.perf_counter() - paused
+            stop, time_due = False, False
+            if step % STOP_CHECK_EVERY == 0 or step == self.max_steps:
+                due = self.save_every_s is not None and time.monotonic() - self._last_save_time >= self.save_every_s
+                flags = D.all_reduce_max([1.0 if D.stop_requested() else 0.0, 1.0 if due else 0.0], device)
+                stop, time_due = flags[0] > 0, flags[1] > 0
+            if stop and step < self.max_steps:
+                self.progress.message(f"stop requested ({D.stop_reason() or 'another rank'}): saving at step {step}")
+            saving = (
+                (self.save_every and step % self.save_every == 0) or time_due or step == self.max_steps or stop
+            )
+            if saving:
+                paused = time.perf_counter()
+                self.state.elapsed_s += paused - attempt_start
+                attempt_start = paused
+                self.save(step)
+                window_excluded += time.perf_counter() - paused
+            if stop and step < self.max_steps:
+                outcome = STOPPED
+                break
+        self.progress.close()
+        return outcome
+
+    # -------------------------------------------------------------------------------------------------------------
+    def _log_train(self, step: int, loss_sum: torch.Tensor, steps: int, grad_norm: torch.Tensor, lr: float,
+                   window_s: float, elapsed_s: float) -> None:
+        loss = loss_sum / (steps * self.accum)
+        if dist.is_initialized() and self.env.world_size > 1:
+            dist.all_reduce(loss, op=dist.ReduceOp.SUM)
+            loss = loss / self.env.world_size
+        values = torch.stack([loss.float(), grad_norm.to(loss.device).float()]).tolist()  # the one host sync
+        if not self.env.is_main:
+            return
+        tokens_per_s = self.tokens_per_step * steps / max(window_s, 1e-9)
+        record = {
+            "step": step,
+            "loss": values[0],
+            "lr": lr,
+            "grad_norm": values[1],
+            "tokens_per_s": tokens_per_s,
+            "tokens_per_s_per_device": tokens_per_s / self.env.world_size,
+            "mfu": (self.flops_per_token * tokens_per_s / (self.env.world_size * self.peak_flops))
+            if self.peak_flops else None,
+            "peak_mem_gb": peak_memory_gb(self.env.device),
+            "tokens": self.state.tokens,
+            "elapsed_s": elapsed_s,
+        }
+        self.metrics.write(record)
+        self.progress.update(step, record)
+        if self.tensorboard is not None:
+            for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
+                if record[key] is not None:
+                    self.tensorboard.add_scalar(f"train/{key}", record[key], step)
+
+    def evaluate(self, step: int) -> Optional[float]:
+        from launcher.train.sampler import eval_indices
+
+        split = self.splits.eval
+        batches = eval_indices(
+            len(split), batch_size=int(self.cfg.train.micro_batch_size), rank=self.env.rank,
+            world_size=self.env.world_size, num_batches=int(self.cfg.train.eval_batches),
+        )
+        if not batches:
+            return None
+        self.strategy.eval_mode()
+        total = torch.zeros((), dtype=torch.float32, device=self.env.device)
+        for indices in batches:
+            total += self.strategy.eval_loss(split.collate(indices))
+        self.strategy.train_mode()
+        mean = total / len(batches)
+        if dist.is_initialized() and self.env.world_size > 1:
+            dist.all_reduce(mean, op=dist.ReduceOp.SUM)
+            mean = mean / self.env.world_size
+        value = float(mean.item())
+        if self.env.is_main:
+            self.metrics.write({"step": step, "eval_loss": value, "eval_batches": len(batches)})
+            self.progress.message(f"step {step} eval_loss {value:.4f}")
+            if self.tensorboard is not None:
+                self.tensorboard.add_scalar("eval/loss", value, step)
+        return value
+
+    def save(self, step: int) -> None:
+        if self.last_saved_step == step:
+            return
+        state = dict(self.extra)
+        state.update(
+            sampler=self.sampler.state_dict(),
+            tokens=self.state.tokens,
+            elapsed_s=self.state.elapsed_s,
+            metrics_step=step,
+        )
+        result = self.checkpoints.save(step, state)
+        self.last_saved_step = step
+        self._last_save_time = time.monotonic()
+        if self.env.is_main:
+            self.metrics.write({"step": step, "event": "checkpoint", "save_s": result["save_s"],
+                                "size_gb": result["size_gb"]})
+            self.progress.message(
+                f"checkpoint step-{step} saved in {result['save_s']:.2f}s ({result['size_gb']:.3f} GB)"
+            )

@@ -1,0 +1,267 @@
+"""``run(run_dir)``: train (or resume, or export) the run whose resolved config is ``<run_dir>/config.yaml``.
+
+Launch commands (each process calls ``run``; see docs/training.md):
+
+    local, N processes:  python -m torch.distributed.run --standalone --nproc_per_node N -m launcher.train RUN_DIR
+    one process:         python -m launcher.train RUN_DIR
+    Slurm:               srun ... python -c 'from launcher.train.main import run; run(RUN_DIR)'  (one task per device)
+
+Exit codes: 0 trained (or already trained) and exported; 2 bad input (config, data, model: the message says which key);
+3 a stop signal (SIGTERM/SIGUSR2) or ``request_stop()`` arrived, every rank saved a checkpoint: requeue and run the same
+command again to resume; anything else (an exception) is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Optional
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_REQUEUE = 3
+
+
+def load_config(run_dir: Path) -> Any:
+    from omegaconf import OmegaConf
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no resolved config (the launcher writes it before starting the job)")
+    return OmegaConf.load(path)
+
+
+def run(run_dir: str | Path) -> int:
+    """Train the run in ``run_dir``; returns the process exit code (see the module docstring)."""
+    run_dir = Path(run_dir).expanduser().resolve()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        cfg = load_config(run_dir)
+    except Exception as e:  # noqa: BLE001
+        print(f"train: error: {e}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
+
+    from launcher.train import distributed as D
+
+    cluster = cfg.cluster if cfg.get("cluster") else None
+    env = D.setup(cluster)
+    restore_signals = D.install_signal_handlers()
+    D.clear_stop()
+    try:
+        return _run(cfg, env, run_dir)
+    except _input_errors() as e:
+        print(f"train: [rank {env.rank}] error: {e}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
+    except D.PeerFailed as e:
+        print(f"train: [rank {env.rank}] stopping: {e}", file=sys.stderr, flush=True)
+        return EXIT_FAILED
+    except Exception:
+        print(f"train: [rank {env.rank}] failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        return EXIT_FAILED
+    finally:
+        restore_signals()
+        D.teardown()
+
+
+def _input_errors() -> tuple:
+    from launcher.errors import ConfigError
+    from launcher.train.checkpoint import CheckpointError
+    from launcher.train.modeling import ModelInputError
+    from launcher.train.strategies.base import StrategyUnavailable
+
+    return (ConfigError, ModelInputError, StrategyUnavailable, CheckpointError, FileNotFoundError, _SetupError)
+
+
+class _SetupError(ValueError):
+    """A ValueError raised while reading inputs (before training starts): bad input, not a bug."""
+
+
+def _run(cfg: Any, env: Any, run_dir: Path) -> int:
+    import warnings
+
+    import torch
+
+    from launcher.train import distributed as D
+    from launcher.train import strategies
+    from launcher.train.checkpoint import CheckpointManager, config_hash, reseed, training_config
+    from launcher.train.loop import STOPPED, LoopState, Trainer
+    from launcher.train.metrics import MetricsFile, count_parameters, flops_per_token
+    from launcher.train.modeling import apply_peft, build_model, check_seq_len, hf_config
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"deepspeed(\.|$)")
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-file bars make unreadable Slurm logs
+    t0 = time.perf_counter()
+    plain_cfg = _as_dict(cfg)
+    train = cfg.train
+    seed = int(train.seed)
+    D.log(
+        f"run {run_dir.name}: {env.world_size} rank(s) via {env.source}, backend {env.backend}, device "
+        f"{env.device}, strategy {cfg.strategy.name}, peft {cfg.peft.name}", env=env,
+    )
+
+    # Fail early, cheapest checks first: packages for the strategy, then the model's shape against seq_len.
+    strategy = strategies.create(cfg, env)
+    try:
+        model_cfg = plain_cfg["model"]
+        config = hf_config(model_cfg)
+        check_seq_len(int(train.seq_len), config)
+        tokenizer = _tokenizer(cfg, plain_cfg, run_dir, env)
+        config = hf_config(model_cfg, tokenizer)
+        model = build_model(model_cfg, config=config, seed=seed, tokenizer=tokenizer)
+        model = apply_peft(model, plain_cfg["peft"], seed=seed,
+                           gradient_checkpointing=bool(model_cfg.get("gradient_checkpointing")))
+    except ValueError as e:
+        if isinstance(e, _input_errors()):
+            raise
+        raise _SetupError(str(e)) from e
+    params = count_parameters(model)
+    D.log(
+        f"model {type(model).__name__}: {params['total'] / 1e6:.2f}M parameters, "
+        f"{params['trainable'] / 1e6:.3f}M trainable", env=env,
+    )
+
+    checkpoints_root = run_dir / "checkpoints"
+    if cfg.export_only:
+        strategy.wrap(model)
+        manager = CheckpointManager(checkpoints_root, env, strategy, keep_last=train.keep_last,
+                                    keep_every=train.keep_every)
+        latest = manager.find_latest()
+        if latest is None:
+            from launcher.train.checkpoint import CheckpointError
+
+            raise CheckpointError(f"export_only=true but {checkpoints_root} holds no complete checkpoint to export")
+        manager.check_compatible(latest, manager.read_state(latest), cfg_hash=config_hash(plain_cfg),
+                                 cfg_flat=training_config(plain_cfg))
+        manager.load(latest, seed=seed)
+        strategy.export(run_dir / "export", tokenizer)
+        return EXIT_OK
+
+    try:
+        splits = _datasets(cfg, plain_cfg, tokenizer, env, seed)
+        sampler = _sampler(splits, cfg, env, seed)
+    except ValueError as e:
+        if isinstance(e, _input_errors()):
+            raise
+        raise _SetupError(str(e)) from e
+
+    strategy.wrap(model)
+    manager = CheckpointManager(checkpoints_root, env, strategy, keep_last=train.keep_last, keep_every=train.keep_every)
+    cfg_hash, cfg_flat = config_hash(plain_cfg), training_config(plain_cfg)
+    state = LoopState()
+    latest = manager.find_latest()
+    if latest is not None:
+        saved = manager.read_state(latest)
+        manager.check_compatible(latest, saved, cfg_hash=cfg_hash, cfg_flat=cfg_flat)
+        saved = manager.load(latest, seed=seed)
+        sampler.load_state_dict(saved["sampler"])
+        state = LoopState(step=int(saved["step"]), tokens=int(saved.get("tokens", 0)),
+                          elapsed_s=float(saved.get("elapsed_s", 0.0)))
+    else:
+        reseed(seed, env.rank)
+    manager.remove_unfinished()
+
+    metrics = MetricsFile(run_dir / "metrics.jsonl", resume_step=state.step, enabled=env.is_main)
+    tensorboard = _tensorboard(cfg, run_dir, env)
+    fpt = flops_per_token(params, num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
+                          seq_len=int(train.seq_len))
+    trainer = Trainer(
+        cfg=cfg, env=env, strategy=strategy, splits=splits, sampler=sampler, checkpoints=manager, metrics=metrics,
+        flops_per_token=fpt, state=state, tensorboard=tensorboard,
+        trainer_state_extra={
+            "config_hash": cfg_hash,
+            "training_config": cfg_flat,
+            "global_batch_sequences": int(train.micro_batch_size) * int(train.grad_accum) * env.world_size,
+        },
+    )
+    D.log(
+        f"ready in {time.perf_counter() - t0:.1f}s: {len(splits.train)} train / {len(splits.eval)} eval sequences of "
+        f"{splits.train.seq_len} tokens; global batch {trainer.tokens_per_step} tokens; "
+        + (f"resuming at step {state.step}" if state.step else "starting at step 0"), env=env,
+    )
+    try:
+        outcome = trainer.train()
+    finally:
+        metrics.close()
+        if tensorboard is not None:
+            tensorboard.close()
+    if outcome == STOPPED:
+        D.log(f"stopped at step {state.step} after a checkpoint: exit {EXIT_REQUEUE} (requeue to resume)", env=env)
+        return EXIT_REQUEUE
+    strategy.export(run_dir / "export", tokenizer)
+    D.log(f"done: step {state.step}, {time.perf_counter() - t0:.1f}s", env=env)
+    return EXIT_OK
+
+
+def _as_dict(cfg: Any) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def _tokenizer(cfg: Any, plain_cfg: dict, run_dir: Path, env: Any) -> Any:
+    from launcher.train import distributed as D
+    from launcher.train.data_formats import iter_texts
+    from launcher.train.tokenizer import load_or_build_tokenizer, tokenizer_source
+
+    data = plain_cfg["data"]
+    if tokenizer_source(plain_cfg["model"]) is not None:  # a local directory: every rank loads it, no barrier
+        return load_or_build_tokenizer(plain_cfg["model"], lambda: [], run_dir / "tokenizer", is_main=env.is_main,
+                                       barrier=D.barrier)
+    return D.run_together(
+        lambda barrier: load_or_build_tokenizer(
+            plain_cfg["model"],
+            lambda: iter_texts(data["path"], data.get("format")),
+            run_dir / "tokenizer",
+            is_main=env.is_main,
+            barrier=barrier,
+        ),
+        env.device,
+        "building the tokenizer",
+    )
+
+
+def _datasets(cfg: Any, plain_cfg: dict, tokenizer: Any, env: Any, seed: int) -> Any:
+    from launcher.train import distributed as D
+    from launcher.train.data import cache_root_for, prepare_datasets
+
+    data = plain_cfg["data"]
+    return D.run_together(
+        lambda barrier: prepare_datasets(
+            data, tokenizer, int(cfg.train.seq_len), cache_root_for(data, plain_cfg["output_dir"]),
+            seed=seed, is_main=env.is_main, barrier=barrier,
+        ),
+        env.device,
+        "preparing the data",
+    )
+
+
+def _sampler(splits: Any, cfg: Any, env: Any, seed: int) -> Any:
+    from launcher.train.sampler import ResumableSampler
+
+    return ResumableSampler(
+        len(splits.train), global_batch_size=int(cfg.train.micro_batch_size) * env.world_size,
+        rank=env.rank, world_size=env.world_size, seed=seed,
+    )
+
+
+def _tensorboard(cfg: Any, run_dir: Path, env: Any) -> Optional[Any]:
+    if not cfg.train.get("tensorboard", False) or not env.is_main:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        from launcher.train.distributed import log
+
+        log("WARNING: train.tensorboard=true but tensorboard is not installed (pip install tensorboard); skipping")
+        return None
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))

@@ -1,0 +1,191 @@
+"""Throughput, MFU, the metrics file and the rank-0 progress display.
+
+MFU (model FLOPs utilisation) = achieved model FLOP/s / (world size x device peak). Model FLOPs per token are the usual
+estimate (Kaplan et al.; PaLM appendix B), counting matmuls only and not the recomputation of gradient checkpointing:
+
+    forward             2 * N
+    backward, inputs    2 * N
+    backward, weights   2 * N_trainable        (all of N for full training; only the adapters for LoRA)
+    attention           12 * layers * hidden * seq_len   (QK^T and AV, forward + backward, no causal discount)
+
+with N the parameters that take part in matmuls: every parameter except the input embedding table (a lookup), unless
+it is tied to the output head. Full training gives the familiar ``6N + 12 L H S``.
+
+The peak is the device's dense bf16 rate (``launcher.planning.devices.DEVICES[cluster.device].peak_bf16_tflops``:
+A100 312, MI250X GCD 191.5, H100 989 TFLOP/s); an fp32 run is measured against the same bf16 peak.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional, TextIO
+
+# Fallback when launcher.planning.devices is not importable (bf16 dense TFLOP/s per device as a rank sees it).
+_FALLBACK_PEAKS = {"a100_64gb": 312.0, "a100": 312.0, "mi250x_gcd": 191.5, "h100_80gb": 989.0, "h100": 989.0, "cpu": 1.0}
+
+
+def device_peak_tflops(name: Optional[str]) -> Optional[float]:
+    name = name or "cpu"
+    try:
+        from launcher.planning.devices import DEVICES
+
+        if name in DEVICES:
+            return float(DEVICES[name].peak_bf16_tflops)
+    except Exception:  # the planner is optional inside the job
+        pass
+    return _FALLBACK_PEAKS.get(name)
+
+
+def count_parameters(model: Any) -> Dict[str, int]:
+    """Parameter counts of an unwrapped model (before sharding): total, trainable, and input embedding."""
+    total = trainable = 0
+    seen = set()
+    for param in model.parameters():
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        n = param.numel()
+        total += n
+        if param.requires_grad:
+            trainable += n
+    embedding = 0
+    get_input = getattr(model, "get_input_embeddings", None)
+    get_output = getattr(model, "get_output_embeddings", None)
+    if callable(get_input) and get_input() is not None:
+        emb = get_input().weight
+        out = get_output() if callable(get_output) else None
+        tied = out is not None and getattr(out, "weight", None) is emb
+        embedding = 0 if tied else emb.numel()
+    return {"total": total, "trainable": trainable, "embedding": embedding}
+
+
+def flops_per_token(params: Dict[str, int], *, num_layers: int, hidden_size: int, seq_len: int) -> float:
+    """Model FLOPs per trained token (see the module docstring)."""
+    n = params["total"] - params["embedding"]
+    n_trainable_matmul = min(params["trainable"], n)
+    return 4.0 * n + 2.0 * n_trainable_matmul + 12.0 * num_layers * hidden_size * seq_len
+
+
+def peak_memory_gb(device: Any) -> float:
+    """Peak memory of this rank: allocated GPU memory, or the process's peak resident set on CPU."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    # ru_maxrss is in KiB on Linux.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+class MetricsFile:
+    """``<run_dir>/metrics.jsonl``, one JSON object per line; rank 0 only; kept open, flushed when written.
+
+    On (re)start the history is cut back to the resumed step (lines with ``step`` greater are dropped), so the file
+    holds one curve across attempts, as if the run had never been interrupted.
+    """
+
+    def __init__(self, path: Path, *, resume_step: int, enabled: bool) -> None:
+        self.path = Path(path)
+        self._file: Optional[TextIO] = None
+        if not enabled:
+            return
+        truncate_history(self.path, resume_step)
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def write(self, record: Dict[str, Any]) -> None:
+        if self._file is None:
+            return
+        self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def truncate_history(path: Path, keep_through_step: int) -> int:
+    """Drop the lines of ``path`` whose step is beyond ``keep_through_step`` (atomic rewrite). Returns lines kept."""
+    if not path.exists():
+        return 0
+    kept = []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash
+            if isinstance(record, dict) and int(record.get("step", 0)) <= keep_through_step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.writelines(kept)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    return len(kept)
+
+
+def read_metrics(path: Path) -> list:
+    """All records of a metrics file (tests, tools)."""
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+class Progress:
+    """Rank-0 progress: a tqdm bar on a terminal, else one plain line per logged step (readable in Slurm logs)."""
+
+    def __init__(self, *, total: int, initial: int, enabled: bool, every: int = 1) -> None:
+        self.enabled = enabled
+        self.total = total
+        self.every = max(1, every)
+        self._bar = None
+        self._start = time.monotonic()
+        if not enabled:
+            return
+        if sys.stderr.isatty():
+            try:
+                from tqdm import tqdm
+
+                self._bar = tqdm(total=total, initial=initial, dynamic_ncols=True, desc="train")
+            except ImportError:
+                self._bar = None
+
+    def update(self, step: int, record: Dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.n = step
+            self._bar.set_postfix(
+                loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}",
+                refresh=False,
+            )
+            self._bar.refresh()
+            return
+        if step % self.every and step != self.total:
+            return
+        mfu = record.get("mfu")
+        print(
+            f"train: step {step}/{self.total} loss {record['loss']:.4f} lr {record['lr']:.3e} "
+            f"grad_norm {record['grad_norm']:.3f} tokens/s {record['tokens_per_s']:.0f}"
+            + (f" mfu {100 * mfu:.1f}%" if mfu is not None else "")
+            + f" mem {record['peak_mem_gb']:.2f}GB elapsed {record['elapsed_s']:.0f}s",
+            flush=True,
+        )
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(f"train: {text}")
+        else:
+            print(f"train: {text}", flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

@@ -1,0 +1,177 @@
+"""zero1 / zero2 / zero3: the DeepSpeed engine with a JSON config generated from ours.
+
+- Precision: bf16 on GPUs, fp32 on CPU (``strategy.precision`` overrides).
+- Optimizer: our torch AdamW as a client optimizer (``zero_allow_untested_optimizer``): no JIT build of
+  ``fused_adam``/``cpu_adam``; with ``offload_optimizer`` on a GPU, DeepSpeedCPUAdam (the fast path ZeRO-Offload needs).
+- Scheduler: ours (warmup + cosine), stepped by the engine at each accumulation boundary.
+- Batch: ``train_micro_batch_size_per_gpu`` = train.micro_batch_size, ``gradient_accumulation_steps`` = train.grad_accum.
+- Checkpoints: ``save_checkpoint``/``load_checkpoint`` under ``<checkpoint>/deepspeed/``. ZeRO partitions are per rank:
+  resuming on another world size is refused with what to do instead.
+- Export: ZeRO-3 gathers the weights layer by layer onto rank 0 (``_zero3_consolidated_16bit_state_dict``, the
+  ``stage3_gather_16bit_weights_on_model_save`` path); ZeRO-1/2 hold full weights on every rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+
+from launcher.train.strategies.base import Strategy, StrategyUnavailable, build_optimizer, move_batch, package_version
+from launcher.train.schedule import build_scheduler
+
+TAG = "deepspeed"
+MIN_VERSION = (0, 14)
+
+
+def deepspeed_config(cfg: Any, *, world_size: int, precision: str, device_type: str) -> Dict[str, Any]:
+    """The DeepSpeed JSON config for our config (pure; unit-tested)."""
+    stage = {"zero1": 1, "zero2": 2, "zero3": 3}[cfg.strategy.name]
+    train = cfg.train
+    zero: Dict[str, Any] = {"stage": stage, "contiguous_gradients": True, "overlap_comm": device_type == "cuda"}
+    if cfg.strategy.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device_type == "cuda"}
+    if cfg.strategy.offload_params:
+        if stage != 3:
+            raise ValueError(f"strategy.offload_params=true needs zero3 (got {cfg.strategy.name})")
+        zero["offload_param"] = {"device": "cpu", "pin_memory": device_type == "cuda"}
+    if stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    micro, accum = int(train.micro_batch_size), int(train.grad_accum)
+    return {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": micro * accum * world_size,
+        "gradient_clipping": float(train.grad_clip),
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        # A torch optimizer with CPU offload is allowed (on CPU there is nothing faster to use).
+        "zero_force_ds_cpu_optimizer": False,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": False},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+class DeepSpeedStrategy(Strategy):
+    name = "zero"
+    supports_resharding = False
+
+    @classmethod
+    def check_available(cls) -> None:
+        version = package_version("deepspeed")
+        if version is None:
+            raise StrategyUnavailable(
+                "strategy=zero1/zero2/zero3 needs deepspeed, which is not installed: pip install 'deepspeed>=0.14' "
+                "(or use strategy=fsdp, which shards like ZeRO-3 with PyTorch alone)"
+            )
+        parsed = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+        if parsed < MIN_VERSION:
+            raise StrategyUnavailable(f"strategy=zero* needs deepspeed>={'.'.join(map(str, MIN_VERSION))}, found {version}")
+        try:
+            import deepspeed  # noqa: F401
+        except Exception as e:  # a broken install (e.g. no compiler for its accelerator probe)
+            raise StrategyUnavailable(f"deepspeed {version} is installed but cannot be imported: {e}") from e
+
+    def __init__(self, cfg: Any, env: Any) -> None:
+        super().__init__(cfg, env)
+        self.stage = {"zero1": 1, "zero2": 2, "zero3": 3}[cfg.strategy.name]
+        self.name = cfg.strategy.name
+        _quiet_deepspeed()
+
+    def wrap(self, model: torch.nn.Module) -> None:
+        import deepspeed
+
+        ds_config = deepspeed_config(
+            self.cfg, world_size=self.env.world_size, precision=self.precision, device_type=self.env.device.type
+        )
+        optimizer = self._client_optimizer(model)
+        scheduler = build_scheduler(optimizer, self.train_cfg)
+        engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
+        )
+        self.model = engine
+        self.module = engine.module
+        self.optimizer = ds_optimizer
+        self.scheduler = ds_scheduler if ds_scheduler is not None else scheduler
+        self.ds_config = ds_config
+
+    def _client_optimizer(self, model: torch.nn.Module) -> Any:
+        if self.cfg.strategy.offload_optimizer and self.env.device.type == "cuda":
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+            no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+            groups = [{"params": decay, "weight_decay": float(self.train_cfg.weight_decay)}]
+            if no_decay:
+                groups.append({"params": no_decay, "weight_decay": 0.0})
+            return DeepSpeedCPUAdam(groups, lr=float(self.train_cfg.lr), betas=(0.9, 0.95), eps=1e-8, adamw_mode=True)
+        return build_optimizer(model, self.train_cfg)
+
+    def autocast(self) -> Any:
+        return contextlib.nullcontext()  # the engine casts the module itself
+
+    def forward_backward(self, batch: Dict[str, torch.Tensor], *, last: bool) -> torch.Tensor:
+        loss = self.model(**move_batch(batch, self.env.device)).loss
+        self.model.backward(loss)  # scales by 1 / gradient_accumulation_steps
+        if not last:
+            self.model.step()  # not a boundary: the engine only counts the micro-step
+        return loss.detach().float()
+
+    def step(self) -> torch.Tensor:
+        self.model.step()
+        norm = self.model.get_global_grad_norm()
+        if norm is None:
+            return torch.tensor(float("nan"))
+        return norm.detach().float() if isinstance(norm, torch.Tensor) else torch.tensor(float(norm))
+
+    def save(self, directory: Path) -> None:
+        self.model.save_checkpoint(str(directory), tag=TAG, client_state={}, save_latest=False)
+
+    def load(self, directory: Path) -> None:
+        path, _ = self.model.load_checkpoint(
+            str(directory), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}/{TAG}")
+
+    def checkpoint_problem(self, directory: Path) -> Optional[str]:
+        path = Path(directory) / TAG
+        if not path.is_dir():
+            return f"{path} is missing"
+        if not list(path.glob("*model_states.pt")):
+            return f"{path} holds no model states"
+        if not list(path.glob("*optim_states.pt")):
+            return f"{path} holds no optimizer states"
+        return None
+
+    def full_state_dict(self) -> Optional[Dict[str, torch.Tensor]]:
+        if self.stage == 3:
+            state = self.model._zero3_consolidated_16bit_state_dict()
+            return dict(state) if self.env.is_main else None
+        if not self.env.is_main:
+            return None
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.module.state_dict().items()}
+
+    def state_for_checkpoint(self) -> Dict[str, Any]:
+        state = super().state_for_checkpoint()
+        state["deepspeed_config"] = self.ds_config
+        return state
+
+
+def _quiet_deepspeed() -> None:
+    """DeepSpeed logs every step's internals at INFO and ZeRO-3 warns on every collective: keep Slurm logs readable."""
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"deepspeed(\.|$)")
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.distributed\..*")
+    warnings.filterwarnings("ignore", category=UserWarning, message=r".*_all_gather_base.*|.*_reduce_scatter_base.*")
+    try:
+        from deepspeed.utils import logger
+
+        logger.setLevel(logging.WARNING)
+    except Exception:
+        pass

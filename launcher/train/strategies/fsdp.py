@@ -1,0 +1,117 @@
+"""fsdp: PyTorch FSDP2 (``fully_shard``): parameters, gradients and optimizer state sharded like ZeRO-3.
+
+- One ``fully_shard`` per decoder layer (the classes in the model's ``_no_split_modules``), then one on the root.
+- bf16: ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``, fp32 sharded master weights.
+- ``offload_params`` / ``offload_optimizer``: ``CPUOffloadPolicy`` (parameters, gradients and the optimizer step on CPU).
+- Gradient accumulation: gradient sync (reduce-scatter) only on the last micro-batch.
+- Checkpoints: torch.distributed.checkpoint, sharded; a different world size reshards on load.
+- Export: ``get_model_state_dict(full_state_dict=True, cpu_offload=True)`` onto rank 0.
+FSDP1 is not used: its full-state-dict CPU offload crashes on CPU (see shared/reference/stack-on-cpu.md).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from launcher.train.strategies import dcp
+from launcher.train.strategies.base import Strategy, StrategyUnavailable, move_batch, torch_version_tuple
+
+
+def _fsdp2() -> Any:
+    try:
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+    except ImportError:
+        try:  # torch 2.4 / 2.5 kept it under _composable
+            from torch.distributed._composable.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+        except ImportError:
+            return None
+    return fully_shard, MixedPrecisionPolicy, CPUOffloadPolicy
+
+
+def decoder_layers(model: torch.nn.Module) -> List[torch.nn.Module]:
+    """The transformer blocks to shard one by one: classes named in Hugging Face's ``_no_split_modules``."""
+    names = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(
+            f"fsdp: found no decoder layers to shard in {type(model).__name__} (no _no_split_modules); "
+            "use strategy=zero3 for this model"
+        )
+    return layers
+
+
+class FSDPStrategy(Strategy):
+    name = "fsdp"
+    supports_resharding = True
+
+    @classmethod
+    def check_available(cls) -> None:
+        if _fsdp2() is None:
+            raise StrategyUnavailable(
+                f"strategy=fsdp needs FSDP2 (torch.distributed.fsdp.fully_shard, torch>=2.6); this is torch "
+                f"{torch.__version__}: upgrade torch or use strategy=zero3"
+            )
+        if torch_version_tuple() < (2, 4):
+            raise StrategyUnavailable(f"strategy=fsdp needs torch>=2.4, found {torch.__version__}")
+
+    def wrap(self, model: torch.nn.Module) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        fully_shard, MixedPrecisionPolicy, CPUOffloadPolicy = _fsdp2()
+        mesh = init_device_mesh(self.env.device.type, (self.env.world_size,))
+        kwargs: Dict[str, Any] = {"mesh": mesh}
+        if self.precision == "bf16":
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        offload = self.cfg.strategy.offload_params or self.cfg.strategy.offload_optimizer
+        if offload and self.env.device.type == "cuda":
+            kwargs["offload_policy"] = CPUOffloadPolicy()
+        else:
+            model.to(self.env.device)
+        for layer in decoder_layers(model):
+            fully_shard(layer, **kwargs)
+        fully_shard(model, **kwargs)
+        self.model = model
+        self.module = model
+        self._build_optimizer_and_scheduler(model)
+
+    def autocast(self) -> Any:
+        import contextlib
+
+        return contextlib.nullcontext()  # the mixed-precision policy casts
+
+    def forward_backward(self, batch: Dict[str, torch.Tensor], *, last: bool) -> torch.Tensor:
+        self.model.set_requires_gradient_sync(last)
+        loss = self.model(**move_batch(batch, self.env.device)).loss
+        (loss / self.grad_accum).backward()
+        return loss.detach().float()
+
+    def step(self) -> torch.Tensor:
+        clip = float(self.train_cfg.grad_clip)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm.detach()
+
+    def save(self, directory: Path) -> None:
+        dcp.save(self.model, self.optimizer, directory)
+
+    def load(self, directory: Path) -> None:
+        dcp.load(self.model, self.optimizer, directory)
+
+    def checkpoint_problem(self, directory: Path) -> Optional[str]:
+        return dcp.problem(directory)
+
+    def full_state_dict(self) -> Optional[Dict[str, torch.Tensor]]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return dict(state) if self.env.is_main else None

@@ -1,0 +1,109 @@
+"""Fixtures of the training tests (tests/test_train_*.py): run directories and 2-process CPU launches.
+
+Every launch is a real ``python -m torch.distributed.run --standalone --nproc_per_node 2 -m launcher.train RUN_DIR`` (or
+the Slurm-style two ``python -m launcher.train`` processes), ``OMP_NUM_THREADS=1``. DeepSpeed JIT-builds its shared-memory
+communication op once into ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``; CI caches that directory):
+``deepspeed_ops`` builds it before the first zero* run so that ranks never race to build it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp")
+# One tiny setup for every training test: 2 ranks x 4 sequences x 2 accumulation steps of 32 tokens per step.
+BASE_OVERRIDES = [
+    "model=tiny", "data=corpus", "train.seq_len=32", "train.micro_batch_size=4", "train.grad_accum=2",
+    "train.max_steps=8", "train.warmup_steps=2", "train.lr=3e-3", "train.eval_every=4", "train.eval_batches=2",
+    "train.save_every=4", "train.log_every=1",
+]
+
+
+class TrainLauncher:
+    """Creates run directories under one session folder and launches training on them."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def make_run(self, name: str, overrides: Sequence[str] = ()) -> Path:
+        from omegaconf import OmegaConf
+
+        from launcher.config import compose
+
+        cfg = compose([*BASE_OVERRIDES, f"output_dir={self.root}", f"run_name={name}", *overrides])
+        run_dir = self.root / name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        return run_dir
+
+    def env(self, extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+        env.update(
+            OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+            PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        )
+        env.update(extra or {})
+        return env
+
+    def torchrun_command(self, run_dir: Path, nproc: int = 2) -> List[str]:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                "-m", "launcher.train", str(run_dir)]
+
+    def torchrun(self, run_dir: Path, *, nproc: int = 2, env: Optional[Dict[str, str]] = None,
+                 timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run(self.torchrun_command(run_dir, nproc), env=self.env(env), cwd=REPO,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def single(self, run_dir: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "launcher.train", str(run_dir)], env=self.env(), cwd=REPO,
+                              capture_output=True, text=True, timeout=timeout)
+
+
+def records(run_dir: Path) -> List[dict]:
+    with open(Path(run_dir) / "metrics.jsonl", encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def losses(run_dir: Path) -> Dict[int, float]:
+    return {r["step"]: r["loss"] for r in records(run_dir) if "loss" in r}
+
+
+def check_ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
+
+
+@pytest.fixture(scope="session")
+def train_launcher(tmp_path_factory: pytest.TempPathFactory) -> TrainLauncher:
+    pytest.importorskip("torch")
+    return TrainLauncher(tmp_path_factory.mktemp("train"))
+
+
+@pytest.fixture(scope="session")
+def deepspeed_ops() -> None:
+    """Build (or load from the cache) DeepSpeed's CPU shared-memory op once, before any zero* run."""
+    pytest.importorskip("deepspeed")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        builder.load(verbose=False)
+
+
+@pytest.fixture(scope="session")
+def full_runs(train_launcher: TrainLauncher, deepspeed_ops: None) -> Dict[str, Path]:
+    """Full training with every strategy (the same seed, data and batches): 8 steps each."""
+    runs = {}
+    for strategy in STRATEGIES:
+        run_dir = train_launcher.make_run(f"full-{strategy}", [f"strategy={strategy}"])
+        check_ok(train_launcher.torchrun(run_dir))
+        runs[strategy] = run_dir
+    return runs
