@@ -41,6 +41,11 @@ def _launch_cluster(cfg: Mapping[str, Any]) -> int:
         path = write_script(plan.run_dir, script)
         print(f"launcher: dry run, nothing submitted\n{cluster_summary(cfg, plan)}\n  script    {path}\n")
         print(f"memory per device ({cfg['model']['name']}, {plan.nodes} nodes):\n{memory_report(cfg, plan.world_size)}\n")
+        from launcher.budget import estimate_budget
+
+        budget = estimate_budget(cfg, plan)
+        if budget is not None:
+            print(f"budget: {budget.describe()}\n")
         print(script)
         return 0
     from launcher.memory_check import check_fits

@@ -16,7 +16,7 @@ def strategy_fits(cfg: Mapping[str, Any], world_size: int) -> Tuple[List[Strateg
     precision = cfg["strategy"]["precision"]
     if precision == "auto":
         precision = "bf16" if on_gpu else "fp32"
-    shape = ModelShape.from_config(_Attrs(cfg["model"]))
+    shape = model_shape(cfg["model"])
     lora = None
     if cfg["peft"]["name"] == "lora":
         lora = shape.lora_params(cfg["peft"]["r"], target_modules=tuple(cfg["peft"]["target_modules"]))
@@ -50,8 +50,11 @@ def check_fits(cfg: Mapping[str, Any], world_size: int) -> None:
         )
 
 
-class _Attrs:
-    """Attribute access over a config dict (ModelShape.from_config reads attributes)."""
+def model_shape(model_cfg: Mapping[str, Any]) -> ModelShape:
+    """The planner's view of the model config (ModelShape.from_config reads attributes)."""
+    return ModelShape.from_config(_Attrs(model_cfg))
 
+
+class _Attrs:
     def __init__(self, values: Mapping[str, Any]) -> None:
         self.__dict__.update(values)

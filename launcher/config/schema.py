@@ -167,6 +167,16 @@ class TrainConfig:
 
 
 @dataclass
+class BudgetConfig:
+    """A full training run's cost, estimated in the dry run from a token target and a throughput."""
+
+    tokens: Optional[float] = None  # e.g. 2e11; None: no budget shown
+    # Throughput: a measured tokens/s per device (from a scaling report) wins over the assumed MFU.
+    tokens_per_s_per_device: Optional[float] = None
+    mfu: float = 0.35
+
+
+@dataclass
 class LauncherConfig:
     dry_run: bool = False
     nodes: int = 1
@@ -182,6 +192,7 @@ class LauncherConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
 
 
 def register_schema() -> None:

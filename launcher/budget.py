@@ -1,0 +1,52 @@
+"""Node-hour budget of a full training run: walltime, node-hours and billing units for a token target."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from launcher.jobplan import JobPlan, billing_units
+from launcher.memory_check import model_shape
+from launcher.planning import ModelShape, get_device
+from launcher.summary import UNIT_NAMES
+
+
+def flops_per_token(shape: ModelShape, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the dense layers plus 12*L*H*S for attention (PaLM, appendix B)."""
+    return 6 * shape.n_params() + 12 * shape.n_layers * shape.hidden_size * seq_len
+
+
+@dataclass(frozen=True)
+class Budget:
+    tokens: float
+    tokens_per_s_per_device: float
+    source: str  # "measured" or "assumed MFU 35%"
+    walltime_h: float
+    node_hours: float
+    billing: float
+    billing_unit: str
+
+    def describe(self) -> str:
+        return (f"{self.tokens:.3g} tokens at {self.tokens_per_s_per_device:,.0f} tokens/s per device ({self.source}): "
+                f"{self.walltime_h:,.1f} h walltime, {self.node_hours:,.0f} node-hours, "
+                f"{self.billing:,.0f} {UNIT_NAMES[self.billing_unit]}")
+
+
+def estimate_budget(cfg: Mapping[str, Any], plan: JobPlan) -> Budget | None:
+    budget = cfg["budget"]
+    if not budget["tokens"]:
+        return None
+    if budget["tokens_per_s_per_device"]:
+        per_device, source = budget["tokens_per_s_per_device"], "measured"
+    else:
+        shape = model_shape(cfg["model"])
+        peak = get_device(cfg["cluster"]["device"]).peak_bf16_tflops * 1e12
+        per_device = budget["mfu"] * peak / flops_per_token(shape, cfg["train"]["seq_len"])
+        source = f"assumed MFU {budget['mfu']:.0%}"
+    devices = plan.world_size
+    walltime_s = budget["tokens"] / (per_device * devices)
+    return Budget(
+        tokens=budget["tokens"], tokens_per_s_per_device=per_device, source=source, walltime_h=walltime_s / 3600,
+        node_hours=plan.nodes * walltime_s / 3600,
+        billing=billing_units(cfg["cluster"], plan.nodes, int(walltime_s)), billing_unit=plan.billing_unit,
+    )
