@@ -1,0 +1,281 @@
+"""The arithmetic of a scaling report: pure functions, stdlib only.
+
+Conventions, stated once:
+
+- Throughput T is training tokens per second of the whole job (all data-parallel ranks), as the training loop logs it
+  in ``metrics.jsonl`` (``tokens_per_s``: tokens of the logging window / wall time of the window, evaluation and
+  checkpoint time excluded). D is the number of devices (ranks: one per GPU, one per MI250X GCD).
+- Model FLOPs per token follow PaLM (Chowdhery et al. 2022, appendix B): ``6 N + 12 L H S``; N are the parameters
+  that take part in matmuls (every parameter except the input embedding table, unless it is tied to the output
+  head), L layers, H hidden size, S sequence length. Attention is counted (QK^T and AV, forward and backward, no
+  causal discount); the recomputation of activation checkpointing is not (that would be hardware FLOPs, HFU). This is
+  the convention of ``launcher.train.metrics.flops_per_token`` for full training, so the report's MFU and the one the
+  job logs agree.
+- MFU is a fraction (0.42 means 42 %) against the device's dense bf16 peak
+  (``launcher.planning.devices.DEVICES[...].peak_bf16_tflops``: A100 312, MI250X GCD 191.5 TFLOP/s).
+- Billing: ``billing_rate_per_node_hour`` gives the units one node costs per hour, with the rule of
+  ``launcher.jobplan.billing_units`` (a partition's ``billing_per_node_hour`` first, e.g. LUMI standard-g = 4
+  GPU-hours per node-hour; else by ``billing_unit``).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+SECONDS_PER_HOUR = 3600.0
+BILLION = 1e9
+MODES = ("strong", "weak")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Throughput of one run
+# ---------------------------------------------------------------------------------------------------------------------
+def is_train_record(record: Mapping[str, Any]) -> bool:
+    """A training line of ``metrics.jsonl`` (eval lines carry ``eval_loss`` and no throughput)."""
+    return (
+        isinstance(record, Mapping)
+        and "eval_loss" not in record
+        and isinstance(record.get("step"), (int, float))
+        and isinstance(record.get("tokens_per_s"), (int, float))
+        and record["tokens_per_s"] > 0
+    )
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100) with linear interpolation between closest ranks (numpy's default)."""
+    if not values:
+        raise ValueError("percentile of no values")
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def _step_times(records: Sequence[Mapping[str, Any]], tokens_per_step: Optional[float]) -> List[Optional[float]]:
+    """Seconds per optimizer step for each record (None where it cannot be derived).
+
+    In order of preference: the logged ``step_time_s``; ``tokens_per_step / tokens_per_s`` (tokens_per_step = micro
+    batch x grad accum x world size x seq len, from the config); the same with tokens_per_step taken from the
+    cumulative ``tokens`` field of consecutive records (delta tokens / delta step).
+    """
+    times: List[Optional[float]] = []
+    previous: Optional[Mapping[str, Any]] = None
+    for record in records:
+        value = record.get("step_time_s")
+        if isinstance(value, (int, float)) and value > 0:
+            times.append(float(value))
+        elif tokens_per_step:
+            times.append(float(tokens_per_step) / float(record["tokens_per_s"]))
+        elif (
+            previous is not None
+            and isinstance(record.get("tokens"), (int, float))
+            and isinstance(previous.get("tokens"), (int, float))
+            and record["step"] > previous["step"]
+            and record["tokens"] > previous["tokens"]
+        ):
+            per_step = (record["tokens"] - previous["tokens"]) / (record["step"] - previous["step"])
+            times.append(per_step / float(record["tokens_per_s"]))
+        else:
+            times.append(None)
+        previous = record
+    return times
+
+
+def throughput_stats(
+    step_records: Iterable[Mapping[str, Any]], warmup_steps: int, *, tokens_per_step: Optional[float] = None
+) -> Dict[str, Any]:
+    """Summary of the measured (post-warm-up) steps of one run.
+
+    ``step_records``: the lines of ``metrics.jsonl`` (eval lines and lines without ``tokens_per_s`` are ignored).
+    A record is measured when its ``step > warmup_steps``. With ``train.log_every = k > 1`` a record is the average of
+    the k steps before it, so the warm-up cut is exact only when ``warmup_steps`` is a multiple of k.
+
+    Returns:
+        tokens_per_s             median over measured records of ``tokens_per_s``
+        tokens_per_s_per_device  median of the logged ``tokens_per_s_per_device`` (None when not logged)
+        step_time_s              median seconds per step (see ``_step_times``); None when it cannot be derived
+        step_time_p10_s, step_time_p90_s   10th / 90th percentiles of the step time
+        step_time_std_s          population standard deviation of the step time
+        spread                   (p90 - p10) / median of the step time: relative jitter, 0.05 = 5 %
+        mfu                      median of the logged ``mfu`` (None when not logged)
+        peak_mem_gb              max of ``peak_mem_gb`` over ALL training records (warm-up included: the peak is a
+                                 running maximum, and it is rank 0's)
+        logged_steps             number of training records; last_step the largest step logged
+        measured_steps           number of measured records (0: nothing after warm-up, all values None)
+    """
+    train = sorted((r for r in step_records if is_train_record(r)), key=lambda r: r["step"])
+    measured = [r for r in train if r["step"] > warmup_steps]
+    mems = [float(r["peak_mem_gb"]) for r in train if isinstance(r.get("peak_mem_gb"), (int, float))]
+    stats: Dict[str, Any] = {
+        "logged_steps": len(train),
+        "last_step": int(train[-1]["step"]) if train else 0,
+        "measured_steps": len(measured),
+        "tokens_per_s": None,
+        "tokens_per_s_per_device": None,
+        "step_time_s": None,
+        "step_time_p10_s": None,
+        "step_time_p90_s": None,
+        "step_time_std_s": None,
+        "spread": None,
+        "mfu": None,
+        "peak_mem_gb": max(mems) if mems else None,
+    }
+    if not measured:
+        return stats
+    stats["tokens_per_s"] = statistics.median(float(r["tokens_per_s"]) for r in measured)
+    per_device = [float(r["tokens_per_s_per_device"]) for r in measured
+                  if isinstance(r.get("tokens_per_s_per_device"), (int, float))]
+    if per_device:
+        stats["tokens_per_s_per_device"] = statistics.median(per_device)
+    mfus = [float(r["mfu"]) for r in measured if isinstance(r.get("mfu"), (int, float))]
+    if mfus:
+        stats["mfu"] = statistics.median(mfus)
+    # The first measured record has no predecessor for the delta-tokens rule: give it the last warm-up record.
+    context = [r for r in train if r["step"] <= warmup_steps][-1:] + measured
+    times = [t for t in _step_times(context, tokens_per_step)[-len(measured):] if t is not None]
+    if times:
+        median = statistics.median(times)
+        stats.update(
+            step_time_s=median,
+            step_time_p10_s=percentile(times, 10),
+            step_time_p90_s=percentile(times, 90),
+            step_time_std_s=statistics.pstdev(times),
+            spread=(percentile(times, 90) - percentile(times, 10)) / median if median > 0 else None,
+        )
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# FLOPs and MFU
+# ---------------------------------------------------------------------------------------------------------------------
+def model_flops_per_token(n_params: float, n_layers: int, seq_len: int, hidden: int) -> float:
+    """Training FLOPs per token, PaLM appendix B: ``6 * N + 12 * L * H * S``.
+
+    ``6 N``: forward (2 N), backward to inputs (2 N) and to weights (2 N) of every matmul parameter (N excludes the
+    input embedding lookup unless tied to the output head). ``12 L H S``: attention scores and weighted values,
+    forward and backward (no causal halving). Recomputation (activation checkpointing) is not counted.
+
+    Example: N = 1e9, L = 16, H = 2048, S = 4096 -> 6e9 + 1.61e9 = 7.61e9 FLOPs per token.
+    """
+    return 6.0 * n_params + 12.0 * n_layers * hidden * seq_len
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, devices: int, peak_tflops: float) -> float:
+    """Model FLOPs utilisation as a fraction: ``tokens_per_s * flops_per_token / (devices * peak_tflops * 1e12)``.
+
+    ``peak_tflops`` is the dense bf16 peak of ONE device as a rank sees it (MI250X: one GCD, 191.5; A100: 312).
+    """
+    if devices <= 0 or peak_tflops <= 0:
+        raise ValueError(f"devices ({devices}) and peak_tflops ({peak_tflops}) must be positive")
+    return tokens_per_s * flops_per_token / (devices * peak_tflops * 1e12)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Scaling efficiency
+# ---------------------------------------------------------------------------------------------------------------------
+def scaling_efficiency(points: Sequence[Tuple[int, float]], mode: str = "strong") -> List[float]:
+    """Parallel efficiency of each point against the point with the fewest devices (the reference, efficiency 1.0).
+
+    ``points``: ``(devices, tokens_per_s)`` pairs; the result is in the same order.
+
+    - strong scaling (fixed global batch: the same work per step, split over more devices):
+      ``eff_n = (T_n / T_1) / (D_n / D_1)`` = speed-up over ideal speed-up.
+    - weak scaling (fixed per-device batch: work per step grows with devices):
+      ``eff_n = (T_n / D_n) / (T_1 / D_1)`` = per-device throughput kept; equivalently step_time_1 / step_time_n.
+
+    With throughput (tokens/s) as the measure both are the same number, the ratio of per-device throughputs; the
+    mode says which experiment it describes (what was held fixed), and the report checks the sweep did hold it.
+    Ties for the fewest devices: the first such point is the reference.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if not points:
+        return []
+    for devices, tokens in points:
+        if devices <= 0 or tokens <= 0:
+            raise ValueError(f"devices and tokens_per_s must be positive, got ({devices}, {tokens})")
+    ref_devices, ref_tokens = min(points, key=lambda p: p[0])
+    if mode == "strong":
+        return [(t / ref_tokens) / (d / ref_devices) for d, t in points]
+    return [(t / d) / (ref_tokens / ref_devices) for d, t in points]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Cost
+# ---------------------------------------------------------------------------------------------------------------------
+def node_hours_per_billion_tokens(tokens_per_s: float, nodes: float) -> float:
+    """``nodes * (1e9 / tokens_per_s) / 3600``: node-hours to train one billion tokens at this throughput."""
+    if tokens_per_s <= 0:
+        raise ValueError(f"tokens_per_s must be positive, got {tokens_per_s}")
+    return nodes * BILLION / tokens_per_s / SECONDS_PER_HOUR
+
+
+def billing_rate_per_node_hour(cluster: Optional[Mapping[str, Any]]) -> Optional[float]:
+    """Billing units one node costs per hour, in the cluster's ``billing_unit``; None for a local run.
+
+    The rule of ``launcher.jobplan.billing_units``:
+    1. the partition's ``billing_per_node_hour`` when set (LUMI standard-g: 4.0 GPU-hours per node-hour, whole nodes);
+    2. ``gpu_hours``: max(GPUs requested, ceil(cores / 8)) / ``gpus_per_billing_gpu`` (LUMI small-g/dev-g: 8 GCDs
+       and 56 cores -> max(8, 7) / 2 = 4 GPU-hours per node-hour);
+    3. ``core_hours``: ``cpus_per_node``;
+    4. ``node_hours`` (Leonardo): 1.
+    """
+    if not cluster:
+        return None
+    partitions = cluster.get("partitions") or {}
+    limits = partitions.get(cluster.get("partition")) or {}
+    if limits.get("billing_per_node_hour") is not None:
+        return float(limits["billing_per_node_hour"])
+    unit = cluster.get("billing_unit", "node_hours")
+    if unit == "gpu_hours":
+        gpus = cluster.get("gpus_per_node_requested")
+        gpus = cluster.get("gpus_per_node", 0) if gpus is None else gpus
+        tasks = cluster.get("tasks_per_node")
+        tasks = tasks if tasks is not None else max(1, gpus)
+        cores = tasks * cluster.get("cpus_per_task", 1)
+        return max(gpus, math.ceil(cores / 8)) / float(cluster.get("gpus_per_billing_gpu") or 1)
+    if unit == "core_hours":
+        return float(cluster.get("cpus_per_node", 1))
+    return 1.0
+
+
+def billing_units_per_billion_tokens(tokens_per_s: float, nodes: float, rate_per_node_hour: float) -> float:
+    """``node_hours_per_billion_tokens(tokens_per_s, nodes) * rate_per_node_hour`` (see ``billing_rate_per_node_hour``).
+
+    LUMI standard-g (4 GPU-hours per node-hour), 2 nodes at 100k tokens/s: 2 * 1e9 / 1e5 / 3600 * 4 = 22.2 GPU-hours.
+    """
+    return node_hours_per_billion_tokens(tokens_per_s, nodes) * rate_per_node_hour
+
+
+def _field(point: Any, name: str) -> Any:
+    if isinstance(point, Mapping):
+        return point.get(name)
+    return getattr(point, name, None)
+
+
+def project(total_tokens: float, point: Any, *, overhead: float = 0.0) -> Dict[str, Optional[float]]:
+    """Cost of training ``total_tokens`` at a measured point, assuming its throughput holds for the whole run.
+
+    ``point``: a ``report.Point`` or a mapping with ``tokens_per_s``, ``nodes`` and optionally
+    ``billing_per_node_hour``. ``overhead``: extra fraction for what a benchmark does not see (checkpoints, evaluation,
+    restarts, queue-side failures); 0.1 adds 10 %.
+
+        wall_hours    = total_tokens / tokens_per_s / 3600 * (1 + overhead)
+        node_hours    = wall_hours * nodes
+        billing_units = node_hours * billing_per_node_hour      (None when the rate is unknown)
+    """
+    tokens_per_s = _field(point, "tokens_per_s")
+    nodes = _field(point, "nodes")
+    if not tokens_per_s or tokens_per_s <= 0 or not nodes:
+        raise ValueError("project() needs a measured point (tokens_per_s > 0 and nodes)")
+    rate = _field(point, "billing_per_node_hour")
+    wall_hours = total_tokens / tokens_per_s / SECONDS_PER_HOUR * (1.0 + overhead)
+    node_hours = wall_hours * nodes
+    return {
+        "wall_hours": wall_hours,
+        "node_hours": node_hours,
+        "billing_units": node_hours * rate if rate is not None else None,
+    }
