@@ -1,9 +1,9 @@
 """Fixtures of the training tests (tests/test_train_*.py): run directories and 2-process CPU launches.
 
-Every launch is a real ``python -m torch.distributed.run --standalone --nproc_per_node 2 -m launcher.train RUN_DIR`` (or
-the Slurm-style two ``python -m launcher.train`` processes), ``OMP_NUM_THREADS=1``. DeepSpeed JIT-builds its shared-memory
-communication op once into ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``; CI caches that directory):
-``deepspeed_ops`` builds it before the first zero* run so that ranks never race to build it.
+Every launch is a real ``python -m torch.distributed.run --standalone --nproc_per_node 2 -m launcher.train RUN_DIR``
+(or the Slurm-style two ``python -m launcher.train`` processes), ``OMP_NUM_THREADS=1``. DeepSpeed JIT-builds its
+shared-memory communication op once into ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``; CI caches
+that directory): ``deepspeed_ops`` builds it before the first zero* run so that ranks never race to build it.
 """
 
 from __future__ import annotations

@@ -92,7 +92,8 @@ def assert_one_history(run_dir: Path) -> None:
 
 def corrupt(newest: Path, how: str) -> None:
     if how == "truncate":  # a shard cut short (a node died while the file system flushed)
-        shard = max((p for p in newest.rglob("*") if p.is_file() and p.name != "COMPLETE"), key=lambda p: p.stat().st_size)
+        files = [p for p in newest.rglob("*") if p.is_file() and p.name != "COMPLETE"]
+        shard = max(files, key=lambda p: p.stat().st_size)
         with open(shard, "r+b") as handle:
             handle.truncate(shard.stat().st_size // 2)
     elif how == "half-deleted":  # someone (or a purge) removed part of it

@@ -169,9 +169,10 @@ def test_bf16_with_gradient_checkpointing(train_launcher: TrainLauncher, deepspe
     check_ok(train_launcher.torchrun(run_dir))
     curve = losses(run_dir)
     assert curve[5] < curve[1]
-    # A save on time at every step boundary (each one logged with its duration), the last two kept.
+    # Saves on time (agreed on one step after they fall due) and the final one, each logged with its duration.
     saves = [r for r in records(run_dir) if r.get("event") == "checkpoint"]
-    assert [r["step"] for r in saves] == [1, 2, 3, 4, 5] and all(r["save_s"] > 0 for r in saves)
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-4", "step-5"]
+    steps = [r["step"] for r in saves]
+    assert len(steps) >= 2 and steps[-1] == 5 and all(r["save_s"] > 0 for r in saves), saves
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [f"step-{s}" for s in steps[-2:]]
     model = AutoModelForCausalLM.from_pretrained(run_dir / "export")
     assert str(model.dtype) == "torch.bfloat16"

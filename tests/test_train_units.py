@@ -14,7 +14,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from launcher.train import distributed as D  # noqa: E402
-from launcher.train.checkpoint import COMPLETE, STATE_FILE, CheckpointManager, config_hash, training_config  # noqa: E402
+from launcher.train.checkpoint import (  # noqa: E402
+    COMPLETE, STATE_FILE, CheckpointManager, config_hash, training_config,
+)
 from launcher.train.metrics import flops_per_token, truncate_history  # noqa: E402
 from launcher.train.schedule import WarmupCosine  # noqa: E402
 
@@ -31,8 +33,8 @@ def test_first_host_of_a_slurm_nodelist(nodelist: str, first: str) -> None:
 
 
 def test_topology_from_torchrun_variables() -> None:
-    topo = D.topology_from_env({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "MASTER_ADDR": "h", "MASTER_PORT": "1234",
-                                "SLURM_PROCID": "0", "SLURM_NTASKS": "1"})
+    topo = D.topology_from_env({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "MASTER_ADDR": "h",
+                                "MASTER_PORT": "1234", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"})
     assert (topo.rank, topo.local_rank, topo.world_size, topo.master_addr, topo.master_port, topo.source) == (
         3, 1, 4, "h", 1234, "torchrun")
 
@@ -81,6 +83,11 @@ def test_stop_signals_only_set_the_flag() -> None:
         D.clear_stop()
         os.kill(os.getpid(), signal.SIGTERM)
         assert D.stop_requested() and D.stop_reason() == "SIGTERM"
+        D.clear_stop()
+        os.kill(os.getpid(), signal.SIGINT)  # a first Ctrl-C asks for a checkpoint
+        assert D.stop_reason() == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):  # a second one interrupts
+            os.kill(os.getpid(), signal.SIGINT)
     finally:
         restore()
         D.clear_stop()
@@ -135,7 +142,8 @@ def test_deepspeed_config_follows_ours(stage: int) -> None:
 
     ds = deepspeed_config(_cfg(f"zero{stage}"), world_size=8, precision="bf16", device_type="cuda")
     assert ds["zero_optimization"]["stage"] == stage
-    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (4, 3, 96)
+    batch = (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"])
+    assert batch == (4, 3, 96)
     assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] and ds["zero_allow_untested_optimizer"]
     assert ("stage3_gather_16bit_weights_on_model_save" in ds["zero_optimization"]) == (stage == 3)
     cpu = deepspeed_config(_cfg(f"zero{stage}"), world_size=2, precision="fp32", device_type="cpu")
@@ -179,7 +187,9 @@ def _fake_checkpoint(root: Path, step: int, *, complete: bool = True) -> Path:
     return path
 
 
-def test_newest_complete_checkpoint_wins_and_broken_ones_are_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_newest_complete_checkpoint_wins_and_broken_ones_are_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     root = tmp_path / "checkpoints"
     _fake_checkpoint(root, 2)
     _fake_checkpoint(root, 4)

@@ -3,8 +3,8 @@
 A save (every rank takes part):
 
 1. rank 0 creates ``step-<N>.tmp/`` (removing a leftover of a crashed save), barrier;
-2. every rank writes its part: the strategy's state (DeepSpeed ``save_checkpoint`` for zero*, torch.distributed.checkpoint
-   for ddp and fsdp) and its own RNG states (``rng/rank-<r>.pt``), each file fsynced;
+2. every rank writes its part: the strategy's state (DeepSpeed ``save_checkpoint`` for zero*,
+   torch.distributed.checkpoint for ddp and fsdp) and its own RNG states (``rng/rank-<r>.pt``), each file fsynced;
 3. barrier: everything is on disk;
 4. rank 0 writes ``trainer_state.json`` (step, sampler position, scheduler, metrics position, config hash, strategy,
    world size, versions), then ``COMPLETE`` (a manifest of every file and its size), fsyncs, and renames
@@ -282,7 +282,9 @@ class CheckpointManager:
         return removed
 
     # -- load ---------------------------------------------------------------------------------------------------
-    def check_compatible(self, path: Path, state: Mapping[str, Any], *, cfg_hash: str, cfg_flat: Mapping[str, Any]) -> None:
+    def check_compatible(
+        self, path: Path, state: Mapping[str, Any], *, cfg_hash: str, cfg_flat: Mapping[str, Any]
+    ) -> None:
         saved_strategy = state.get("strategy")
         if saved_strategy != self.strategy.name:
             raise CheckpointError(

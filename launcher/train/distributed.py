@@ -149,8 +149,10 @@ def export_topology(topo: Topology, environ: MutableMapping[str, str]) -> None:
     environ["MASTER_PORT"] = str(topo.master_port)
 
 
-def select_visible_device(cluster: Optional[Mapping[str, Any]], local_rank: int, environ: MutableMapping[str, str]) -> bool:
-    """Set ``cluster.visible_devices_var`` (LUMI: ROCR_VISIBLE_DEVICES) to the local rank, before the GPU runtime starts.
+def select_visible_device(
+    cluster: Optional[Mapping[str, Any]], local_rank: int, environ: MutableMapping[str, str]
+) -> bool:
+    """Set ``cluster.visible_devices_var`` (LUMI: ROCR_VISIBLE_DEVICES) to the local rank before the GPU runtime starts.
 
     Returns True when this process now sees exactly one device (so it uses device 0). ``CUDA_VISIBLE_DEVICES`` that
     Slurm set for its own binding is never overwritten.
@@ -175,7 +177,9 @@ def select_visible_device(cluster: Optional[Mapping[str, Any]], local_rank: int,
 # Process group
 
 
-def setup(cluster: Optional[Mapping[str, Any]] = None, *, environ: Optional[MutableMapping[str, str]] = None) -> DistEnv:
+def setup(
+    cluster: Optional[Mapping[str, Any]] = None, *, environ: Optional[MutableMapping[str, str]] = None
+) -> DistEnv:
     """Initialise torch.distributed from the environment and pick this rank's device."""
     environ = os.environ if environ is None else environ
     topo = topology_from_env(environ)
@@ -195,10 +199,11 @@ def setup(cluster: Optional[Mapping[str, Any]] = None, *, environ: Optional[Muta
         device = torch.device("cpu")
     backend = (cluster or {}).get("backend") or ("nccl" if device.type == "cuda" else "gloo")
     if backend == "nccl" and device.type != "cuda":
+        var = (cluster or {}).get("visible_devices_var") or "CUDA_VISIBLE_DEVICES"
         raise RuntimeError(
             f"cluster.backend=nccl but this process sees no GPU (rank {topo.rank}, local rank {topo.local_rank}, "
-            f"{cluster.get('visible_devices_var') if cluster else None}={environ.get((cluster or {}).get('visible_devices_var') or '', '')!r}); "
-            "check the job's GPU request and binding, or use cluster.backend=gloo on CPU nodes"
+            f"{var}={environ.get(var)!r}); check the job's GPU request and binding, or use cluster.backend=gloo on "
+            "CPU nodes"
         )
     if not dist.is_initialized():
         dist.init_process_group(
@@ -258,6 +263,50 @@ def all_reduce_max(values: Sequence[float], device: Any) -> list:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor.tolist()
+
+
+class LaggedAgreement:
+    """Element-wise MAX over ranks of a few flags, answered one step later, without stalling the device.
+
+    ``post(values)`` at the end of step k starts an asynchronous all-reduce; ``collect()`` at the end of step k+1
+    returns its result. Gloo runs it in its own thread; on GPUs the collective and the copy of its result into pinned
+    host memory queue behind step k, and ``collect`` waits only for those (step k+1 keeps the GPU busy meanwhile).
+    Every rank must call both once per step, in the same order.
+    """
+
+    def __init__(self, device: Any) -> None:
+        self.device = device
+        self._pending: Optional[tuple] = None
+
+    def post(self, values: Sequence[float]) -> None:
+        import torch
+        import torch.distributed as dist
+
+        tensor = torch.tensor(list(values), dtype=torch.float32)
+        distributed = dist.is_initialized() and dist.get_world_size() > 1
+        if self.device.type == "cuda":
+            tensor = tensor.pin_memory().to(self.device, non_blocking=True)
+            if distributed:
+                dist.all_reduce(tensor, op=dist.ReduceOp.MAX, async_op=True).wait()  # stream-ordered, no host wait
+            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            host.copy_(tensor, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._pending = (None, host, event)
+            return
+        work = dist.all_reduce(tensor, op=dist.ReduceOp.MAX, async_op=True) if distributed else None
+        self._pending = (work, tensor, None)
+
+    def collect(self) -> Optional[list]:
+        if self._pending is None:
+            return None
+        work, host, event = self._pending
+        self._pending = None
+        if work is not None:
+            work.wait()
+        if event is not None:
+            event.synchronize()
+        return host.tolist()
 
 
 class PeerFailed(RuntimeError):
@@ -321,16 +370,21 @@ def clear_stop() -> None:
 
 
 def _on_signal(signum: int, _frame: Any) -> None:
+    if signum == signal.SIGINT and _stop["signal"] == "SIGINT":
+        raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
     request_stop(signal.Signals(signum).name)
 
 
 def install_signal_handlers() -> Callable[[], None]:
-    """SIGTERM and SIGUSR2 only set the stop flag. Returns a function that restores the previous handlers."""
+    """SIGTERM, SIGUSR2 and a first SIGINT (Ctrl-C) only set the stop flag; a second Ctrl-C interrupts.
+
+    Returns a function that restores the previous handlers.
+    """
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
-    previous = {sig: signal.signal(sig, _on_signal) for sig in STOP_SIGNALS}
+    previous = {sig: signal.signal(sig, _on_signal) for sig in (*STOP_SIGNALS, signal.SIGINT)}
 
     def restore() -> None:
         for sig, handler in previous.items():

@@ -6,7 +6,8 @@ Per step (``grad_accum`` micro-batches per rank):
     strategy.step()                                   clip, optimizer, scheduler
     every train.log_every steps: one all-reduce of the loss, one host sync, one metrics line
     every train.eval_every steps (and at the end): train.eval_batches batches of the held-out split
-    every step: one tiny all-reduce (MAX) of [stop requested, time-based save due] so that all ranks agree
+    every step: an asynchronous all-reduce (MAX) of [stop requested, time-based save due], read one step later,
+                so that all ranks agree without a host synchronisation per step
     every train.save_every steps, on time (train.save_every_minutes), at the end, or when stopping: a checkpoint
 
 Between log steps there is no host synchronisation: losses accumulate on the device.
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
@@ -27,8 +27,6 @@ from launcher.train.metrics import MetricsFile, Progress, device_peak_tflops, pe
 
 FINISHED = "finished"
 STOPPED = "stopped"
-# The stop/save-on-time agreement runs every this many steps (an all-reduce of two numbers).
-STOP_CHECK_EVERY = 1
 
 
 @dataclass
@@ -96,6 +94,7 @@ class Trainer:
         window_excluded = 0.0
         loss_sum = torch.zeros((), dtype=torch.float32, device=device)
         grad_norm = torch.zeros((), dtype=torch.float32, device=device)
+        agreement = D.LaggedAgreement(device)
         strategy.train_mode()
         outcome = FINISHED
         if self.state.step >= self.max_steps:
@@ -123,11 +122,8 @@ class Trainer:
                 paused = time.perf_counter()
                 self.evaluate(step)
                 window_excluded += time.perf_counter() - paused
-            stop, time_due = False, False
-            if step % STOP_CHECK_EVERY == 0 or step == self.max_steps:
-                due = self.save_every_s is not None and time.monotonic() - self._last_save_time >= self.save_every_s
-                flags = D.all_reduce_max([1.0 if D.stop_requested() else 0.0, 1.0 if due else 0.0], device)
-                stop, time_due = flags[0] > 0, flags[1] > 0
+            flags = agreement.collect()  # what every rank posted at the end of the previous step
+            stop, time_due = bool(flags and flags[0] > 0), bool(flags and flags[1] > 0)
             if stop and step < self.max_steps:
                 self.progress.message(f"stop requested ({D.stop_reason() or 'another rank'}): saving at step {step}")
             saving = (
@@ -142,6 +138,10 @@ class Trainer:
             if stop and step < self.max_steps:
                 outcome = STOPPED
                 break
+            if step < self.max_steps:
+                due = self.save_every_s is not None and time.monotonic() - self._last_save_time >= self.save_every_s
+                agreement.post([1.0 if D.stop_requested() else 0.0, 1.0 if due else 0.0])
+        agreement.collect()  # nothing may stay in flight before the export's collectives
         self.progress.close()
         return outcome
 

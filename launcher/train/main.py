@@ -4,7 +4,7 @@ Launch commands (each process calls ``run``; see docs/training.md):
 
     local, N processes:  python -m torch.distributed.run --standalone --nproc_per_node N -m launcher.train RUN_DIR
     one process:         python -m launcher.train RUN_DIR
-    Slurm:               srun ... python -c 'from launcher.train.main import run; run(RUN_DIR)'  (one task per device)
+    Slurm (srun, one task per device): each task calls launcher.train.main.run(RUN_DIR) (launcher/job.py via submitit)
 
 Exit codes: 0 trained (or already trained) and exported; 2 bad input (config, data, model: the message says which key);
 3 a stop signal (SIGTERM/SIGUSR2) or ``request_stop()`` arrived, every rank saved a checkpoint: requeue and run the same
@@ -51,7 +51,11 @@ def run(run_dir: str | Path) -> int:
     from launcher.train import distributed as D
 
     cluster = cfg.cluster if cfg.get("cluster") else None
-    env = D.setup(cluster)
+    try:
+        env = D.setup(cluster)
+    except Exception as e:  # noqa: BLE001 - rendezvous timeout, no GPU for nccl, ...
+        print(f"train: error: cannot start the process group: {e}", file=sys.stderr, flush=True)
+        return EXIT_FAILED
     restore_signals = D.install_signal_handlers()
     D.clear_stop()
     try:
@@ -85,8 +89,6 @@ class _SetupError(ValueError):
 
 def _run(cfg: Any, env: Any, run_dir: Path) -> int:
     import warnings
-
-    import torch
 
     from launcher.train import distributed as D
     from launcher.train import strategies

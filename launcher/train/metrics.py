@@ -26,7 +26,9 @@ from pathlib import Path
 from typing import Any, Dict, Optional, TextIO
 
 # Fallback when launcher.planning.devices is not importable (bf16 dense TFLOP/s per device as a rank sees it).
-_FALLBACK_PEAKS = {"a100_64gb": 312.0, "a100": 312.0, "mi250x_gcd": 191.5, "h100_80gb": 989.0, "h100": 989.0, "cpu": 1.0}
+_FALLBACK_PEAKS = {
+    "a100_64gb": 312.0, "a100": 312.0, "mi250x_gcd": 191.5, "h100_80gb": 989.0, "h100": 989.0, "cpu": 1.0,
+}
 
 
 def device_peak_tflops(name: Optional[str]) -> Optional[float]:

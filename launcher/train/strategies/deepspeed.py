@@ -4,7 +4,8 @@
 - Optimizer: our torch AdamW as a client optimizer (``zero_allow_untested_optimizer``): no JIT build of
   ``fused_adam``/``cpu_adam``; with ``offload_optimizer`` on a GPU, DeepSpeedCPUAdam (the fast path ZeRO-Offload needs).
 - Scheduler: ours (warmup + cosine), stepped by the engine at each accumulation boundary.
-- Batch: ``train_micro_batch_size_per_gpu`` = train.micro_batch_size, ``gradient_accumulation_steps`` = train.grad_accum.
+- Batch: ``train_micro_batch_size_per_gpu`` = train.micro_batch_size,
+  ``gradient_accumulation_steps`` = train.grad_accum.
 - Checkpoints: ``save_checkpoint``/``load_checkpoint`` under ``<checkpoint>/deepspeed/``. ZeRO partitions are per rank:
   resuming on another world size is refused with what to do instead.
 - Export: ZeRO-3 gathers the weights layer by layer onto rank 0 (``_zero3_consolidated_16bit_state_dict``, the
@@ -72,7 +73,8 @@ class DeepSpeedStrategy(Strategy):
             )
         parsed = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
         if parsed < MIN_VERSION:
-            raise StrategyUnavailable(f"strategy=zero* needs deepspeed>={'.'.join(map(str, MIN_VERSION))}, found {version}")
+            wanted = ".".join(map(str, MIN_VERSION))
+            raise StrategyUnavailable(f"strategy=zero* needs deepspeed>={wanted}, found {version}")
         try:
             import deepspeed  # noqa: F401
         except Exception as e:  # a broken install (e.g. no compiler for its accelerator probe)

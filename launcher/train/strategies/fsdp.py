@@ -2,7 +2,8 @@
 
 - One ``fully_shard`` per decoder layer (the classes in the model's ``_no_split_modules``), then one on the root.
 - bf16: ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``, fp32 sharded master weights.
-- ``offload_params`` / ``offload_optimizer``: ``CPUOffloadPolicy`` (parameters, gradients and the optimizer step on CPU).
+- ``offload_params`` / ``offload_optimizer`` (GPUs): ``CPUOffloadPolicy`` (parameters, gradients and the optimizer
+  step on CPU).
 - Gradient accumulation: gradient sync (reduce-scatter) only on the last micro-batch.
 - Checkpoints: torch.distributed.checkpoint, sharded; a different world size reshards on load.
 - Export: ``get_model_state_dict(full_state_dict=True, cpu_offload=True)`` onto rank 0.
@@ -70,8 +71,8 @@ class FSDPStrategy(Strategy):
         offload = self.cfg.strategy.offload_params or self.cfg.strategy.offload_optimizer
         if offload and self.env.device.type == "cuda":
             kwargs["offload_policy"] = CPUOffloadPolicy()
-        else:
-            model.to(self.env.device)
+        # No model.to(device): fully_shard moves each layer's states to the mesh device as it shards them, so the
+        # whole unsharded model never sits on one GPU.
         for layer in decoder_layers(model):
             fully_shard(layer, **kwargs)
         fully_shard(model, **kwargs)
