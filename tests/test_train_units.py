@@ -298,3 +298,31 @@ def test_ds_config_namespace_is_plain() -> None:
     from launcher.train.strategies.deepspeed import deepspeed_config
 
     assert deepspeed_config(ns, world_size=2, precision="fp32", device_type="cpu")["train_batch_size"] == 4
+
+
+def test_resumed_schedule_takes_the_new_length_and_keeps_its_position() -> None:
+    """Raising train.max_steps on resume stretches the cosine from the resumed step; same length: same lr exactly."""
+    import json as _json
+
+    from launcher.train.schedule import build_scheduler
+    from launcher.train.strategies.base import Strategy, _jsonable
+
+    def scheduler(max_steps: int):
+        param = torch.nn.Parameter(torch.zeros(2, 2))
+        optimizer = torch.optim.AdamW([param], lr=1e-3)
+        train = SimpleNamespace(lr=1e-3, warmup_steps=1, max_steps=max_steps, min_lr_ratio=0.1)
+        return build_scheduler(optimizer, train)
+
+    old = scheduler(4)
+    for _ in range(2):
+        old.optimizer.step()
+        old.step()
+    saved = {"scheduler": _json.loads(_json.dumps(_jsonable(old.state_dict())))}
+    for max_steps in (4, 8):
+        fake = SimpleNamespace(scheduler=scheduler(max_steps))
+        Strategy.load_state_for_checkpoint(fake, saved)  # type: ignore[arg-type]
+        expected = 1e-3 * WarmupCosine(warmup_steps=1, max_steps=max_steps, min_lr_ratio=0.1)(2)
+        assert fake.scheduler.last_epoch == 2
+        assert fake.scheduler.optimizer.param_groups[0]["lr"] == expected == fake.scheduler.get_last_lr()[0]
+        if max_steps == 4:
+            assert expected == old.get_last_lr()[0]

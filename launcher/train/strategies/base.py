@@ -143,8 +143,18 @@ class Strategy(ABC):
         return {"scheduler": _jsonable(self.scheduler.state_dict())}
 
     def load_state_for_checkpoint(self, state: Dict[str, Any]) -> None:
-        if "scheduler" in state:
-            self.scheduler.load_state_dict(state["scheduler"])
+        """Restore the scheduler's position; its shape (warmup, max_steps, min_lr_ratio) comes from this run's config,
+        so raising train.max_steps on resume stretches the cosine from the resumed step on."""
+        if "scheduler" not in state:
+            return
+        saved = dict(state["scheduler"])
+        saved["lr_lambdas"] = [dict(vars(f)) if hasattr(f, "__dict__") else None for f in self.scheduler.lr_lambdas]
+        self.scheduler.load_state_dict(saved)
+        step = self.scheduler.last_epoch
+        for group, base, factor in zip(self.scheduler.optimizer.param_groups, self.scheduler.base_lrs,
+                                       self.scheduler.lr_lambdas):
+            group["lr"] = base * factor(step)  # what LambdaLR computes; unchanged when the schedule is unchanged
+        self.scheduler._last_lr = [group["lr"] for group in self.scheduler.optimizer.param_groups]
 
     # -- export ------------------------------------------------------------------------------------------------
     @abstractmethod
