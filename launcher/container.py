@@ -54,7 +54,7 @@ FORWARDED_ENV: Tuple[str, ...] = (
     # Rendezvous: computed in the batch shell, where scontrol exists.
     "MASTER_ADDR", "MASTER_PORT",
     # Run directory and requeue bookkeeping (slurm_templates/common_setup.sh).
-    "LAUNCHER_RUN_DIR", "LAUNCHER_ATTEMPT", "LAUNCHER_MAX_REQUEUES",
+    "LAUNCHER_RUN_DIR", "LAUNCHER_ATTEMPT", "LAUNCHER_MAX_REQUEUES", "LAUNCHER_SIGNAL_LEAD_S",
     # Caches: Hugging Face on project/scratch storage, MIOpen node-local, compiled DeepSpeed/Triton ops.
     "HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "TORCH_HOME", "TORCH_EXTENSIONS_DIR", "TRITON_CACHE_DIR",
     "MIOPEN_USER_DB_PATH", "MIOPEN_CUSTOM_CACHE_DIR",

@@ -19,7 +19,10 @@ def strategy_fits(cfg: Mapping[str, Any], world_size: int) -> Tuple[List[Strateg
     shape = model_shape(cfg["model"])
     lora = None
     if cfg["peft"]["name"] == "lora":
-        lora = shape.lora_params(cfg["peft"]["r"], target_modules=tuple(cfg["peft"]["target_modules"]))
+        try:
+            lora = shape.lora_params(cfg["peft"]["r"], target_modules=tuple(cfg["peft"]["target_modules"]))
+        except ValueError as error:  # a module name the model does not have
+            raise ConfigError("peft.target_modules", cfg["peft"]["target_modules"], str(error)) from None
     fits = plan_strategies(
         shape, world_size, device,
         seq_len=cfg["train"]["seq_len"], micro_batch_size=cfg["train"]["micro_batch_size"],

@@ -30,7 +30,8 @@ def read_template(name: str, **values: Any) -> List[str]:
 
 def setup_lines(cfg: Mapping[str, Any], plan: JobPlan) -> List[str]:
     cluster = cfg["cluster"]
-    lines = read_template("common_setup.sh", run_dir=plan.run_dir, max_requeues=cluster["max_requeues"])
+    lines = read_template("common_setup.sh", run_dir=plan.run_dir, max_requeues=cluster["max_requeues"],
+                          signal_lead_s=cluster["signal_lead_s"])
     if cluster["env"]:
         lines.append("# --- cluster.env ---")
         lines += [f"export {name}={shlex.quote(str(value))}" for name, value in cluster["env"].items()]

@@ -8,6 +8,7 @@ no secrets). Every failure is a ConfigError naming the field, the value and what
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import dataclasses
@@ -120,6 +121,7 @@ def _check_training(cfg: Mapping[str, Any]) -> None:
         raise ConfigError("train.lr", train["lr"], "a positive learning rate")
     if not 0.0 <= cfg["data"]["eval_fraction"] < 1.0:
         raise ConfigError("data.eval_fraction", cfg["data"]["eval_fraction"], "a fraction in [0, 1)")
+    _check_input_paths(cfg)
     model = cfg["model"]
     if train["seq_len"] > model["max_position_embeddings"]:
         raise ConfigError(
@@ -130,6 +132,17 @@ def _check_training(cfg: Mapping[str, Any]) -> None:
         raise ConfigError("nproc_per_node", cfg["nproc_per_node"], "an integer >= 1, or null for one per GPU")
     if cfg["nodes"] < 1:
         raise ConfigError("nodes", cfg["nodes"], "an integer >= 1")
+
+
+def _check_input_paths(cfg: Mapping[str, Any]) -> None:
+    """Inputs must exist before hours in the queue: the login node sees the same shared file systems as the job."""
+    data_path = Path(cfg["data"]["path"]).expanduser()
+    if not data_path.exists():
+        raise ConfigError("data.path", str(data_path), "an existing file or directory of data files")
+    for key in ("pretrained", "tokenizer"):
+        value = cfg["model"][key]
+        if value is not None and not Path(value).expanduser().is_dir():
+            raise ConfigError(f"model.{key}", value, "an existing local directory (compute nodes never download)")
 
 
 def _check_cluster(cluster: Mapping[str, Any], *, nodes: int) -> None:

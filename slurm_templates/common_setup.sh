@@ -3,6 +3,8 @@
 export LAUNCHER_RUN_DIR=@{run_dir}
 export LAUNCHER_ATTEMPT=$(( ${SLURM_RESTART_COUNT:-0} + 1 ))
 export LAUNCHER_MAX_REQUEUES=@{max_requeues}
+# The training warns when a save (plus a step in flight) would not fit in this lead time.
+export LAUNCHER_SIGNAL_LEAD_S=@{signal_lead_s}
 # Rendezvous: Slurm tools exist only out here, not inside the container.
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export MASTER_ADDR

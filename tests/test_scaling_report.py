@@ -244,7 +244,7 @@ def test_report_files(sweep, tmp_path):
     assert md == result["markdown"]
     table = [line for line in md.splitlines() if line.startswith("| zero3 |")]
     assert len(table) == 4 + 3  # 4 rows in the table, 3 measured rows in the projection
-    assert "**failed**: out of memory: torch.OutOfMemoryError: HIP out of memory" in table[3]
+    assert "**failed** (bench__nodes=8,strategy=zero3): out of memory: torch.OutOfMemoryError: HIP out of memory" in table[3]
     assert "| zero3 | 1 | 8 | 40,000 | 5,000 |" in table[0] and "100 %" in table[0] and "96 %" in table[1]
     assert "GPU-hours / 1B tok" in md and "Strong scaling" in md and "llama-1b" in md
     assert "commit 0123456789" in md and "RCCL 2.20.5" in md and "191.5 TFLOP/s" in md
@@ -305,7 +305,7 @@ def test_missing_metrics_is_a_failed_point(tmp_path, lumi_cfg):
     (point,) = collect_points(tmp_path / "runs")
     assert point.status == "failed" and point.reason.startswith("no metrics") and point.devices == 16
     result = write_report(tmp_path / "runs", tmp_path / "out")  # no ok point: still a report with valid plots
-    assert "**failed**: no metrics" in result["markdown"]
+    assert "**failed** (p): no metrics" in result["markdown"]
     assert (tmp_path / "out" / "throughput.png").read_bytes()[:8] == PNG_SIGNATURE
 
 

@@ -12,8 +12,12 @@ from login_helpers import LEONARDO_ACCOUNT, LUMI_ACCOUNT, config
 
 
 def error_for(overrides):
+    from launcher.memory_check import check_fits
+
     with pytest.raises(ConfigError) as caught:
-        validate(config(overrides))
+        cfg = config(overrides)
+        validate(cfg)
+        check_fits(cfg, 1)
     return caught.value
 
 
@@ -50,6 +54,9 @@ def error_for(overrides):
         (["train.seq_len=4096"], "train.seq_len", ["512"]),
         (["nodes=2"], "nodes", ["+cluster"]),
         (["train.micro_batch_size=0"], "train.micro_batch_size", [">= 1"]),
+        (["data.path=/nonexistent/train.jsonl"], "data.path", ["existing file"]),
+        (["model.pretrained=/nonexistent/llama"], "model.pretrained", ["existing local directory"]),
+        (["peft=lora", "peft.target_modules=[q_proj,nope]"], "peft.target_modules", ["nope", "gate_proj"]),
     ],
 )
 def test_invalid_values_are_named(overrides, field, words):

@@ -162,6 +162,10 @@ class TrainConfig:
     eval_batches: int = 4
     log_every: int = 1
     tensorboard: bool = False
+    # Write the Hugging Face model to <run_dir>/export at the end (benchmarks skip it).
+    export: bool = True
+    # Check devices, CPU binding, bandwidth and the network transport before training (docs/preflight.md).
+    preflight: bool = True
     # Sleep this many seconds per step: only for tests of time limits and preemption.
     debug_step_sleep_s: float = 0.0
 

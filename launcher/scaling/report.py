@@ -40,7 +40,10 @@ _TRACEBACK = "traceback"
 LOG_PATTERNS: Tuple[Tuple[str, Optional[re.Pattern]], ...] = (
     ("out of memory", re.compile(r"out of memory|OutOfMemoryError|oom[-_]kill", re.IGNORECASE)),
     ("time limit", re.compile(r"DUE TO TIME LIMIT")),
-    ("cancelled", re.compile(r"CANCELLED")),
+    # The training's own error line names the key or file at fault: better than the traceback that follows it.
+    ("error", re.compile(r"^train: .*\berror: ")),
+    # A cancelled job, not a step cancelled by srun --kill-on-bad-exit after another rank failed.
+    ("cancelled", re.compile(r"\*\*\* JOB \S+ ON \S+ CANCELLED")),
     (_TRACEBACK, None),
     ("NCCL error", re.compile(r"NCCL error|NCCL WARN|nccl(Internal|System|Unhandled\w*|Remote)Error|DistBackendError"
                               r"|collective operation timeout", re.IGNORECASE)),
@@ -535,7 +538,7 @@ def markdown_table(points: Sequence[Point]) -> str:
                      billing, "ok"]
         else:
             cells = [p.strategy, str(p.nodes), str(p.devices)] + ["-"] * 5 + [_num(p.peak_mem_gb), "-", "-",
-                                                                              f"**failed**: {p.reason}"]
+                                                                              f"**failed** ({p.name}): {p.reason}"]
         rows.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return "\n".join(rows)
 

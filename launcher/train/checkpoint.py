@@ -50,7 +50,7 @@ BOOKKEEPING_KEYS = {
     "dry_run", "nodes", "nproc_per_node", "cluster", "export_only", "output_dir", "run_name", "ignore_memory_estimate",
     "train.max_steps", "train.save_every", "train.save_every_minutes", "train.keep_last", "train.keep_every",
     "train.eval_every", "train.eval_batches", "train.log_every", "train.tensorboard", "train.debug_step_sleep_s",
-    "data.cache_dir", "model.gradient_checkpointing", "peft.merge_on_export",
+    "data.cache_dir", "model.gradient_checkpointing", "peft.merge_on_export", "train.preflight", "train.export", "budget",
 }
 
 

@@ -15,6 +15,7 @@ Between log steps there is no host synchronisation: losses accumulate on the dev
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
@@ -89,6 +90,7 @@ class Trainer:
         split = self.splits.train
         attempt_start = time.perf_counter()
         self._last_save_time = time.monotonic()
+        self._started, self._first_step = time.monotonic(), self.state.step
         window_start = time.perf_counter()
         window_steps = 0
         window_excluded = 0.0
@@ -168,6 +170,8 @@ class Trainer:
             "peak_mem_gb": peak_memory_gb(self.env.device),
             "tokens": self.state.tokens,
             "elapsed_s": elapsed_s,
+            "world_size": self.env.world_size,
+            "step_time_s": window_s / max(steps, 1),
         }
         self.metrics.write(record)
         self.progress.update(step, record)
@@ -222,3 +226,24 @@ class Trainer:
             self.progress.message(
                 f"checkpoint step-{step} saved in {result['save_s']:.2f}s ({result['size_gb']:.3f} GB)"
             )
+            warning = save_budget_warning(result["save_s"], self.step_time_s_estimate())
+            if warning:
+                self.progress.message(warning)
+
+    def step_time_s_estimate(self) -> float:
+        """Seconds per optimizer step so far in this attempt (a step may be in flight when the signal comes)."""
+        steps = max(self.state.step - self._first_step, 1)
+        return (time.monotonic() - self._started) / steps
+
+
+def save_budget_warning(save_s: float, step_s: float) -> Optional[str]:
+    """Slurm's warning signal must leave time to finish the step in flight (up to two) and save: say when it does not."""
+    lead = os.environ.get("LAUNCHER_SIGNAL_LEAD_S")
+    if not lead:
+        return None
+    needed = save_s + 2 * step_s
+    if needed * 1.5 <= float(lead):
+        return None
+    return (f"WARNING: a save takes {save_s:.1f}s and a step {step_s:.1f}s, but Slurm's warning comes only {lead}s "
+            f"before the time limit: raise cluster.signal_lead_s to at least {int(needed * 1.5) + 1} or the job may "
+            "be killed mid-save (the previous checkpoint stays valid)")

@@ -8,7 +8,8 @@ Launch commands (each process calls ``run``; see docs/training.md):
 
 Exit codes: 0 trained (or already trained) and exported; 2 bad input (config, data, model: the message says which key);
 3 a stop signal (SIGTERM/SIGUSR2) or ``request_stop()`` arrived, every rank saved a checkpoint: requeue and run the same
-command again to resume; anything else (an exception) is a failure.
+command again to resume; 4 the preflight found the allocation unusable (the message says which rank and why);
+anything else (an exception) is a failure.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def run(run_dir: str | Path) -> int:
         print(f"train: error: {e}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
 
+    from launcher.preflight import EXIT_PREFLIGHT, PreflightError
     from launcher.train import distributed as D
 
     cluster = cfg.cluster if cfg.get("cluster") else None
@@ -66,6 +68,9 @@ def run(run_dir: str | Path) -> int:
     except D.PeerFailed as e:
         print(f"train: [rank {env.rank}] stopping: {e}", file=sys.stderr, flush=True)
         return EXIT_FAILED
+    except PreflightError as e:
+        print(f"train: [rank {env.rank}] {e}", file=sys.stderr, flush=True)
+        return EXIT_PREFLIGHT
     except Exception:
         print(f"train: [rank {env.rank}] failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
         return EXIT_FAILED
@@ -111,6 +116,7 @@ def _run(cfg: Any, env: Any, run_dir: Path) -> int:
         f"{env.device}, strategy {cfg.strategy.name}, peft {cfg.peft.name}", env=env,
     )
 
+    _preflight_and_fingerprint(cfg, env, run_dir)
     # Fail early, cheapest checks first: packages for the strategy, then the model's shape against seq_len.
     strategy = strategies.create(cfg, env)
     try:
@@ -199,9 +205,24 @@ def _run(cfg: Any, env: Any, run_dir: Path) -> int:
     if outcome == STOPPED:
         D.log(f"stopped at step {state.step} after a checkpoint: exit {EXIT_REQUEUE} (requeue to resume)", env=env)
         return EXIT_REQUEUE
-    strategy.export(run_dir / "export", tokenizer)
+    if train.get("export", True):
+        strategy.export(run_dir / "export", tokenizer)
     D.log(f"done: step {state.step}, {time.perf_counter() - t0:.1f}s", env=env)
     return EXIT_OK
+
+
+def _preflight_and_fingerprint(cfg: Any, env: Any, run_dir: Path) -> None:
+    """Before building anything: check the allocation (devices, binding, bandwidth) and record the environment."""
+    from launcher.preflight import preflight_enabled, run_preflight
+
+    if env.is_main:
+        from launcher.scaling.fingerprint import write_fingerprint
+
+        write_fingerprint(run_dir, env.world_size)
+    if preflight_enabled(cfg) and not cfg.export_only:
+        # The first collective also creates NCCL's communicators: slow on hundreds of GPUs.
+        run_preflight(cfg, rank=env.rank, local_rank=env.local_rank, world_size=env.world_size, device=env.device,
+                      run_dir=run_dir, timeout_s=max(60.0, env.world_size / 8))
 
 
 def _as_dict(cfg: Any) -> dict:

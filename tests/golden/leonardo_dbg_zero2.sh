@@ -23,6 +23,8 @@
 export LAUNCHER_RUN_DIR=/leonardo_work/EUHPC_D35_189/runs/tiny-zero2-none
 export LAUNCHER_ATTEMPT=$(( ${SLURM_RESTART_COUNT:-0} + 1 ))
 export LAUNCHER_MAX_REQUEUES=5
+# The training warns when a save (plus a step in flight) would not fit in this lead time.
+export LAUNCHER_SIGNAL_LEAD_S=300
 # Rendezvous: Slurm tools exist only out here, not inside the container.
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export MASTER_ADDR
@@ -43,10 +45,11 @@ export WANDB_MODE=offline
 # --- Leonardo Booster: Hugging Face caches on $WORK/$FAST, never $HOME (50 GB) ---
 export HF_HOME="${HF_HOME:-${WORK:-$HOME}/.cache/huggingface}"
 # --- container: the job's environment goes in by name; values stay in the environment (launcher/container.py) ---
-for launcher_var in MASTER_ADDR MASTER_PORT LAUNCHER_RUN_DIR LAUNCHER_ATTEMPT LAUNCHER_MAX_REQUEUES HF_HOME \
-     HF_HUB_CACHE HF_DATASETS_CACHE TORCH_HOME TORCH_EXTENSIONS_DIR TRITON_CACHE_DIR MIOPEN_USER_DB_PATH \
-     MIOPEN_CUSTOM_CACHE_DIR HF_HUB_OFFLINE HF_DATASETS_OFFLINE TRANSFORMERS_OFFLINE WANDB_MODE HF_TOKEN \
-     WANDB_API_KEY NCCL_DEBUG NCCL_DEBUG_SUBSYS NCCL_IB_TIMEOUT CUDA_DEVICE_MAX_CONNECTIONS OMP_NUM_THREADS; do
+for launcher_var in MASTER_ADDR MASTER_PORT LAUNCHER_RUN_DIR LAUNCHER_ATTEMPT LAUNCHER_MAX_REQUEUES \
+     LAUNCHER_SIGNAL_LEAD_S HF_HOME HF_HUB_CACHE HF_DATASETS_CACHE TORCH_HOME TORCH_EXTENSIONS_DIR \
+     TRITON_CACHE_DIR MIOPEN_USER_DB_PATH MIOPEN_CUSTOM_CACHE_DIR HF_HUB_OFFLINE HF_DATASETS_OFFLINE \
+     TRANSFORMERS_OFFLINE WANDB_MODE HF_TOKEN WANDB_API_KEY NCCL_DEBUG NCCL_DEBUG_SUBSYS NCCL_IB_TIMEOUT \
+     CUDA_DEVICE_MAX_CONNECTIONS OMP_NUM_THREADS; do
   if [ -n "${!launcher_var+x}" ]; then export "SINGULARITYENV_${launcher_var}=${!launcher_var}"; fi
 done
 unset launcher_var
