@@ -33,8 +33,13 @@ def _launch_cluster(cfg: Mapping[str, Any]) -> int:
     from launcher.rundir import write_config, write_script
     from launcher.summary import cluster_summary
 
+    from launcher.save_budget import save_budget_warning
+
     plan = make_plan(cfg)
     script = render_script(cfg, plan)
+    warning = save_budget_warning(cfg, plan)
+    if warning:
+        print(f"launcher: {warning}", file=sys.stderr)
     if cfg["dry_run"]:
         from launcher.memory_check import memory_report
 
