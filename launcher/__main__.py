@@ -34,8 +34,10 @@ def _launch_cluster(cfg: Mapping[str, Any]) -> int:
     from launcher.summary import cluster_summary
 
     from launcher.save_budget import save_budget_warning
+    from launcher.validation import apply_global_batch
 
     plan = make_plan(cfg)
+    cfg = apply_global_batch(cfg, plan.world_size)
     script = render_script(cfg, plan)
     warning = save_budget_warning(cfg, plan)
     if warning:
@@ -73,6 +75,9 @@ def _launch_local(cfg: Mapping[str, Any]) -> int:
     from launcher.rundir import write_config
     from launcher.summary import local_summary
 
+    from launcher.validation import apply_global_batch
+
+    cfg = apply_global_batch(cfg, processes_per_node(cfg))
     run_dir = run_dir_of(cfg)
     print(f"launcher: local run\n{local_summary(cfg, processes_per_node(cfg), str(run_dir))}")
     if cfg["dry_run"]:

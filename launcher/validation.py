@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Dict, Iterator, Mapping
 
 import dataclasses
 import typing
@@ -132,6 +132,21 @@ def _check_training(cfg: Mapping[str, Any]) -> None:
         raise ConfigError("nproc_per_node", cfg["nproc_per_node"], "an integer >= 1, or null for one per GPU")
     if cfg["nodes"] < 1:
         raise ConfigError("nodes", cfg["nodes"], "an integer >= 1")
+
+
+def apply_global_batch(cfg: Dict[str, Any], world_size: int) -> Dict[str, Any]:
+    """With train.global_batch_size set, derive train.grad_accum for this world size (strong scaling)."""
+    train = cfg["train"]
+    target = train["global_batch_size"]
+    if target is None:
+        return cfg
+    per_step = train["micro_batch_size"] * world_size
+    if target < per_step or target % per_step:
+        raise ConfigError(
+            "train.global_batch_size", target,
+            f"a multiple of train.micro_batch_size x world size = {train['micro_batch_size']} x {world_size}",
+        )
+    return {**cfg, "train": {**train, "grad_accum": target // per_step}}
 
 
 def _check_input_paths(cfg: Mapping[str, Any]) -> None:

@@ -108,3 +108,16 @@ def test_world_size_is_nodes_times_tasks():
     assert (plan.world_size, plan.tasks_per_node, plan.gpus_per_node) == (128, 8, 8)
     cfg = config(["+cluster=leonardo", LEONARDO_ACCOUNT, "nodes=4"])
     assert make_plan(cfg).world_size == 16
+
+
+def test_global_batch_size_derives_grad_accum_per_world_size():
+    from launcher.validation import apply_global_batch
+
+    base = ["+cluster=lumi", LUMI_ACCOUNT, "train.micro_batch_size=2", "train.global_batch_size=64"]
+    for nodes, accum in ((1, 4), (2, 2), (4, 1)):
+        cfg = config([*base, f"nodes={nodes}"])
+        assert apply_global_batch(cfg, make_plan(cfg).world_size)["train"]["grad_accum"] == accum
+    cfg = config([*base, "nodes=8"])  # 64 devices x 2 > 64
+    with pytest.raises(ConfigError) as error:
+        apply_global_batch(cfg, make_plan(cfg).world_size)
+    assert error.value.field == "train.global_batch_size" and "2 x 64" in str(error.value)

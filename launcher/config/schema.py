@@ -147,6 +147,8 @@ class TrainConfig:
     max_steps: int = 200
     micro_batch_size: int = 8
     grad_accum: int = 1
+    # Strong scaling: fix the global batch (sequences per optimizer step); grad_accum is then derived per world size.
+    global_batch_size: Optional[int] = None
     seq_len: int = 64
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
