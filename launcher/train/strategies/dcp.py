@@ -8,7 +8,35 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+
+from launcher.train.strategies.base import Strategy
+
 DCP_DIR = "dcp"
+
+
+class TorchNativeStrategy(Strategy):
+    """ddp and fsdp: a torch optimizer stepped by hand, model and optimizer checkpointed with DCP."""
+
+    def step(self) -> torch.Tensor:
+        clip = float(self.train_cfg.grad_clip)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        if hasattr(norm, "full_tensor"):  # FSDP2 returns a sharded DTensor norm
+            norm = norm.full_tensor()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm.detach()
+
+    def save(self, directory: Path) -> None:
+        save(self.model, self.optimizer, directory)
+
+    def load(self, directory: Path) -> None:
+        load(self.model, self.optimizer, directory)
+
+    def checkpoint_problem(self, directory: Path) -> Optional[str]:
+        return problem(directory)
 
 
 def save(model: Any, optimizer: Any, directory: Path) -> None:

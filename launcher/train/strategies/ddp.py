@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from launcher.train.strategies import dcp
-from launcher.train.strategies.base import Strategy, move_batch
+from launcher.train.strategies.base import move_batch
 
 
-class DDPStrategy(Strategy):
+class DDPStrategy(dcp.TorchNativeStrategy):
     name = "ddp"
     supports_resharding = True  # replicated state: DCP loads it on any world size
 
@@ -33,24 +32,6 @@ class DDPStrategy(Strategy):
                 loss = self.model(**move_batch(batch, self.env.device)).loss
             (loss / self.grad_accum).backward()
         return loss.detach()
-
-    def step(self) -> torch.Tensor:
-        clip = float(self.train_cfg.grad_clip)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm.detach()
-
-    def save(self, directory: Path) -> None:
-        dcp.save(self.model, self.optimizer, directory)
-
-    def load(self, directory: Path) -> None:
-        dcp.load(self.model, self.optimizer, directory)
-
-    def checkpoint_problem(self, directory: Path) -> Optional[str]:
-        return dcp.problem(directory)
 
     def full_state_dict(self) -> Optional[Dict[str, torch.Tensor]]:
         if not self.env.is_main:

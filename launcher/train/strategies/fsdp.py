@@ -12,13 +12,12 @@ FSDP1 is not used: its full-state-dict CPU offload crashes on CPU (see shared/re
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
 
 from launcher.train.strategies import dcp
-from launcher.train.strategies.base import Strategy, StrategyUnavailable, move_batch, torch_version_tuple
+from launcher.train.strategies.base import StrategyUnavailable, move_batch, torch_version_tuple
 
 
 def _fsdp2() -> Any:
@@ -46,7 +45,7 @@ def decoder_layers(model: torch.nn.Module) -> List[torch.nn.Module]:
     return layers
 
 
-class FSDPStrategy(Strategy):
+class FSDPStrategy(dcp.TorchNativeStrategy):
     name = "fsdp"
     supports_resharding = True
 
@@ -90,26 +89,6 @@ class FSDPStrategy(Strategy):
         loss = self.model(**move_batch(batch, self.env.device)).loss
         (loss / self.grad_accum).backward()
         return loss.detach().float()
-
-    def step(self) -> torch.Tensor:
-        clip = float(self.train_cfg.grad_clip)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm.detach()
-
-    def save(self, directory: Path) -> None:
-        dcp.save(self.model, self.optimizer, directory)
-
-    def load(self, directory: Path) -> None:
-        dcp.load(self.model, self.optimizer, directory)
-
-    def checkpoint_problem(self, directory: Path) -> Optional[str]:
-        return dcp.problem(directory)
 
     def full_state_dict(self) -> Optional[Dict[str, torch.Tensor]]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
