@@ -1,41 +1,47 @@
 """python -m launcher [+cluster=NAME] [model=M] [data=D] [strategy=S] [peft=P] [key=value ...] [-m]
 
 Without +cluster: train on this machine. With +cluster=lumi|leonardo|local_slurm: submit a Slurm job.
-With dry_run=true: print the summary and the batch script, write it into the run directory, submit nothing.
+With dry_run=true: print the summary, the memory plan and the batch script, write it into the run directory, submit
+nothing. Everything here is login-node code: no torch, transformers or deepspeed.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Any, Dict, Mapping, Optional
 
 from omegaconf import DictConfig
 
-from launcher.config import check_overrides, setup_hydra
+from launcher.config import check_overrides, compose, setup_hydra
 from launcher.config.schema import as_container
 from launcher.errors import ConfigError
+from launcher.jobplan import JobPlan, make_plan, run_dir_of
 from launcher.paths import CONF_DIR
+from launcher.render import render_script
+from launcher.rundir import write_config, write_script
+from launcher.save_budget import save_budget_warning
+from launcher.summary import cluster_summary, local_summary
+from launcher.validation import apply_global_batch, validate
 
 
-def launch(cfg: Mapping[str, Any]) -> int:
+@dataclass(frozen=True)
+class LaunchResult:
+    """What one run or sweep point did (the sweep summary lists these)."""
+
+    code: int
+    run_dir: str
+    action: str  # "submitted", "dry run", "trained locally", ...
+    job_id: Optional[str] = None
+
+
+def launch(cfg: Mapping[str, Any]) -> LaunchResult:
     """One point of a run or a sweep: validate, then dry-run, submit or train locally."""
-    from launcher.validation import validate
-
     validate(cfg)
-    if cfg["cluster"]:
-        return _launch_cluster(cfg)
-    return _launch_local(cfg)
+    return _launch_cluster(cfg) if cfg["cluster"] else _launch_local(cfg)
 
 
-def _launch_cluster(cfg: Mapping[str, Any]) -> int:
-    from launcher.jobplan import make_plan
-    from launcher.render import render_script
-    from launcher.rundir import write_config, write_script
-    from launcher.summary import cluster_summary
-
-    from launcher.save_budget import save_budget_warning
-    from launcher.validation import apply_global_batch
-
+def _launch_cluster(cfg: Mapping[str, Any]) -> LaunchResult:
     plan = make_plan(cfg)
     cfg = apply_global_batch(cfg, plan.world_size)
     script = render_script(cfg, plan)
@@ -43,18 +49,8 @@ def _launch_cluster(cfg: Mapping[str, Any]) -> int:
     if warning:
         print(f"launcher: {warning}", file=sys.stderr)
     if cfg["dry_run"]:
-        from launcher.memory_check import memory_report
-
-        path = write_script(plan.run_dir, script)
-        print(f"launcher: dry run, nothing submitted\n{cluster_summary(cfg, plan)}\n  script    {path}\n")
-        print(f"memory per device ({cfg['model']['name']}, {plan.nodes} nodes):\n{memory_report(cfg, plan.world_size)}\n")
-        from launcher.budget import estimate_budget
-
-        budget = estimate_budget(cfg, plan)
-        if budget is not None:
-            print(f"budget: {budget.describe()}\n")
-        print(script)
-        return 0
+        _print_dry_run(cfg, plan, script)
+        return LaunchResult(0, str(plan.run_dir), "dry run")
     from launcher.memory_check import check_fits
     from launcher.submit import check_slurm_available, submit
 
@@ -64,40 +60,51 @@ def _launch_cluster(cfg: Mapping[str, Any]) -> int:
     write_script(plan.run_dir, script)
     job = submit(cfg, plan)
     print(f"launcher: submitted job {job.job_id}\n{cluster_summary(cfg, plan)}")
-    print(f"  follow    tail -F {job.paths.stdout}")
-    print(f"  status    python -m launcher.status {plan.run_dir.parent}")
-    return 0
+    print(f"  follow      python -m launcher.status logs --follow {plan.run_dir}")
+    print(f"  status      python -m launcher.status {plan.run_dir.parent}")
+    return LaunchResult(0, str(plan.run_dir), "submitted", str(job.job_id))
 
 
-def _launch_local(cfg: Mapping[str, Any]) -> int:
-    from launcher.jobplan import run_dir_of
+def _print_dry_run(cfg: Mapping[str, Any], plan: JobPlan, script: str) -> None:
+    from launcher.budget import estimate_budget
+    from launcher.memory_check import memory_report
+
+    path = write_script(plan.run_dir, script)
+    print(f"launcher: dry run, nothing submitted\n{cluster_summary(cfg, plan)}\n  script      {path}\n")
+    print(f"memory per device ({cfg['model']['name']}, {plan.nodes} nodes):\n{memory_report(cfg, plan.world_size)}\n")
+    budget = estimate_budget(cfg, plan)
+    if budget is not None:
+        print(f"budget: {budget.describe()}\n")
+    print(script)
+
+
+def _launch_local(cfg: Mapping[str, Any]) -> LaunchResult:
     from launcher.local import describe, local_command, processes_per_node, run_local
-    from launcher.rundir import write_config
-    from launcher.summary import local_summary
 
-    from launcher.validation import apply_global_batch
-
-    cfg = apply_global_batch(cfg, processes_per_node(cfg))
+    nproc = processes_per_node(cfg)
+    cfg = apply_global_batch(cfg, nproc)
     run_dir = run_dir_of(cfg)
-    print(f"launcher: local run\n{local_summary(cfg, processes_per_node(cfg), str(run_dir))}")
+    print(f"launcher: local run\n{local_summary(cfg, nproc, str(run_dir))}")
     if cfg["dry_run"]:
-        print(f"  command    {describe(local_command(cfg, run_dir))}\nlauncher: dry run, nothing started")
-        return 0
+        print(f"  command     {describe(local_command(cfg, run_dir))}\nlauncher: dry run, nothing started")
+        return LaunchResult(0, str(run_dir), "dry run")
     write_config(run_dir, {**cfg, "output_dir": str(run_dir.parent)})
-    return run_local(cfg, run_dir)
+    code = run_local(cfg, run_dir)
+    return LaunchResult(code, str(run_dir), "trained locally" if code == 0 else f"local run exited {code}")
 
 
-def _hydra_task(cfg: DictConfig) -> None:
+def _hydra_task(cfg: DictConfig) -> Dict[str, Any]:
     try:
-        code = launch(_sweep_point(as_container(cfg)))
+        result = launch(_sweep_point(as_container(cfg)))
     except ConfigError as error:
         print(f"launcher: error: {error}", file=sys.stderr)
         sys.exit(2)
-    if code:
-        sys.exit(code)
+    if result.code:
+        sys.exit(result.code)
+    return result.__dict__
 
 
-def _sweep_point(cfg: dict) -> dict:
+def _sweep_point(cfg: Dict[str, Any]) -> Dict[str, Any]:
     """Under -m, name the point's run directory after its swept values (each point is its own run)."""
     from hydra.core.hydra_config import HydraConfig
 
@@ -113,30 +120,31 @@ def _is_plain_run(argv: list[str]) -> bool:
     return all(not arg.startswith("-") and not arg.lstrip("+~").startswith("hydra") for arg in argv)
 
 
+def _compose_or_exit(argv: list[str]) -> DictConfig:
+    from hydra.errors import HydraException
+
+    try:
+        return compose(argv)
+    except HydraException as error:
+        # The same message hydra.main gives, without the traceback: the key and why it failed.
+        cause = f"\n{error.__cause__}" if error.__cause__ else ""
+        print(f"launcher: error: {error}{cause}", file=sys.stderr)
+        sys.exit(2)
+
+
 def main() -> None:
     argv = sys.argv[1:]
     setup_hydra()
     try:
         check_overrides(argv)
-        if _is_plain_run(argv):
-            # Fast path for the login node: one composition with Hydra's compose API (the same defaults and
-            # override grammar). hydra.main composes twice and sets up logging and job runtime we do not use.
-            from hydra.errors import HydraException
-
-            from launcher.config import compose
-
-            try:
-                cfg = compose(argv)
-            except HydraException as error:
-                # Same message as hydra.main gives, without the traceback: the key and why it failed.
-                cause = f"\n{error.__cause__}" if error.__cause__ else ""
-                print(f"launcher: error: {error}{cause}", file=sys.stderr)
-                sys.exit(2)
-            _hydra_task(cfg)
-            return
     except ConfigError as error:
         print(f"launcher: error: {error}", file=sys.stderr)
         sys.exit(2)
+    if _is_plain_run(argv):
+        # Fast path for the login node: one composition with Hydra's compose API (the same defaults and override
+        # grammar). hydra.main composes twice and sets up logging and a job runtime that a single run does not use.
+        _hydra_task(_compose_or_exit(argv))
+        return
     import hydra
 
     hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_hydra_task)()

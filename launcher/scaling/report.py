@@ -1,6 +1,6 @@
 """The scaling report over a sweep directory: points, CSV, proposal-ready markdown and PNG plots.
 
-A sweep directory (``runs/``) holds one run directory per point (``<run_name>__nodes=2,strategy=zero3``), each with
+A sweep directory (``runs/``) holds one run directory per point (``<run_name>__nodes=2+strategy=zero3``), each with
 ``config.yaml`` (written by the launcher), ``metrics.jsonl`` (rank 0's training lines), ``environment.json`` (the
 fingerprint, ``launcher.scaling.fingerprint``), ``slurm/<jobid>_<task>_log.{out,err}`` (submitit's logs) and
 ``export/`` once training finished. A directory given directly that holds ``config.yaml`` is a sweep of one point.
