@@ -165,7 +165,7 @@ def test_job_runs_through_a_stand_in_apptainer_that_checks_binds_and_environment
         f"cfg = config({[*TINY, 'run_name=container', 'train.max_steps=6']!r})\n"
         f"cfg['cluster']['container'] = {{'runtime': 'apptainer', 'image': {str(image)!r}, 'gpu_flag': None,\n"
         f"    'binds': [], 'python': {sys.executable!r}}}\n"
-        "sys.exit(launch(cfg))\n"
+        "sys.exit(launch(cfg).code)\n"
     )
     done = subprocess.run([sys.executable, "-c", script], cwd=work, capture_output=True, text=True, timeout=120,
                           env={**os.environ, **env, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])})
