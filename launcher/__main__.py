@@ -45,17 +45,18 @@ def _launch_cluster(cfg: Mapping[str, Any]) -> LaunchResult:
     plan = make_plan(cfg)
     cfg = apply_global_batch(cfg, plan.world_size)
     script = render_script(cfg, plan)
-    warning = save_budget_warning(cfg, plan)
-    if warning:
-        print(f"launcher: {warning}", file=sys.stderr)
+    for warning in (save_budget_warning(cfg, plan), _home_warning(cfg, plan)):
+        if warning:
+            print(f"launcher: {warning}", file=sys.stderr)
     if cfg["dry_run"]:
         _print_dry_run(cfg, plan, script)
         return LaunchResult(0, str(plan.run_dir), "dry run")
     from launcher.memory_check import check_fits
-    from launcher.submit import check_slurm_available, submit
+    from launcher.submit import check_no_active_job, check_slurm_available, submit
 
     check_slurm_available()
     check_fits(cfg, plan.world_size)
+    check_no_active_job(plan.run_dir, plan.run_name)
     write_config(plan.run_dir, {**cfg, "output_dir": str(plan.run_dir.parent)})
     write_script(plan.run_dir, script)
     job = submit(cfg, plan)
@@ -63,6 +64,16 @@ def _launch_cluster(cfg: Mapping[str, Any]) -> LaunchResult:
     print(f"  follow      python -m launcher.status logs --follow {plan.run_dir}")
     print(f"  status      python -m launcher.status {plan.run_dir.parent}")
     return LaunchResult(0, str(plan.run_dir), "submitted", str(job.job_id))
+
+
+def _home_warning(cfg: Mapping[str, Any], plan: JobPlan) -> Optional[str]:
+    """Checkpoints of real models do not fit a home quota (LUMI 20 GB, Leonardo 50 GB)."""
+    from pathlib import Path
+
+    if cfg["cluster"]["gpus_per_node"] and plan.run_dir.is_relative_to(Path.home()):
+        return (f"WARNING: the run directory {plan.run_dir} is under $HOME, whose quota a checkpoint can exceed: "
+                "set output_dir to project or scratch storage (LUMI /scratch/<project>, Leonardo $WORK or $FAST)")
+    return None
 
 
 def _print_dry_run(cfg: Mapping[str, Any], plan: JobPlan, script: str) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 from launcher.jobplan import JobPlan, billing_units
 from launcher.memory_check import model_shape
@@ -11,9 +11,14 @@ from launcher.planning import ModelShape, get_device
 from launcher.summary import UNIT_NAMES
 
 
-def flops_per_token(shape: ModelShape, seq_len: int) -> float:
-    """Training FLOPs per token: 6N for the dense layers plus 12*L*H*S for attention (PaLM, appendix B)."""
-    return 6 * shape.n_params() + 12 * shape.n_layers * shape.hidden_size * seq_len
+def flops_per_token(shape: ModelShape, seq_len: int, trainable: Optional[int] = None) -> float:
+    """Training FLOPs per token, as the job counts them for MFU (launcher/train/metrics.py): forward 2N and input
+    gradients 2N for the matmul parameters N (the input embedding is a lookup), weight gradients 2N only for the
+    trainable ones (LoRA: the adapters), plus 12*L*H*S for attention."""
+    embedding = 0 if shape.tie_embeddings else shape.vocab_size * shape.hidden_size
+    matmul = shape.n_params() - embedding
+    trained = matmul if trainable is None else min(trainable, matmul)
+    return 4 * matmul + 2 * trained + 12 * shape.n_layers * shape.hidden_size * seq_len
 
 
 @dataclass(frozen=True)
@@ -40,8 +45,11 @@ def estimate_budget(cfg: Mapping[str, Any], plan: JobPlan) -> Budget | None:
         per_device, source = budget["tokens_per_s_per_device"], "measured"
     else:
         shape = model_shape(cfg["model"])
+        peft = cfg["peft"]
+        trainable = (shape.lora_params(peft["r"], target_modules=tuple(peft["target_modules"]))
+                     if peft["name"] == "lora" else None)
         peak = get_device(cfg["cluster"]["device"]).peak_bf16_tflops * 1e12
-        per_device = budget["mfu"] * peak / flops_per_token(shape, cfg["train"]["seq_len"])
+        per_device = budget["mfu"] * peak / flops_per_token(shape, cfg["train"]["seq_len"], trainable)
         source = f"assumed MFU {budget['mfu']:.0%}"
     devices = plan.world_size
     walltime_s = budget["tokens"] / (per_device * devices)

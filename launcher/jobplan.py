@@ -53,8 +53,12 @@ def billing_units(cluster: Mapping[str, Any], nodes: int, walltime_s: int) -> fl
     unit = cluster["billing_unit"]
     if unit == "gpu_hours":
         # LUMI small-g/dev-g: 0.5 x max(GCDs, ceil(cores / 8)) per hour; one billed GPU = gpus_per_billing_gpu GCDs.
-        cores = tasks_per_node(cluster) * cluster["cpus_per_task"]
-        per_node = max(gpus_requested(cluster), math.ceil(cores / 8)) / cluster["gpus_per_billing_gpu"]
+        # An exclusive job holds the whole node, whatever it asked for, and pays for all of it.
+        if cluster["exclusive"]:
+            gpus, cores = cluster["gpus_per_node"], cluster["cpus_per_node"]
+        else:
+            gpus, cores = gpus_requested(cluster), tasks_per_node(cluster) * cluster["cpus_per_task"]
+        per_node = max(gpus, math.ceil(cores / 8)) / cluster["gpus_per_billing_gpu"]
         return nodes * hours * per_node
     if unit == "core_hours":
         return nodes * hours * cluster["cpus_per_node"]

@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Mapping
 
 from launcher import container as containers
 from launcher.jobplan import JobPlan, job_name
+from launcher.validation import gpus_requested
 from launcher.paths import PACKAGE_DIR, TEMPLATES_DIR
 
 
@@ -54,13 +55,23 @@ def python_command(cfg: Mapping[str, Any], plan: JobPlan) -> str:
 
 
 def srun_args(cluster: Mapping[str, Any]) -> List[str]:
-    # One failed rank ends the step instead of leaving the others hanging in a collective.
-    args = ["--kill-on-bad-exit=1"]
+    # One failed rank ends the step instead of leaving the others hanging in a collective. srun is given
+    # --cpus-per-task itself: Slurm 22.05-23.02 do not pass sbatch's value on to srun.
+    args = ["--kill-on-bad-exit=1", f"--cpus-per-task={cluster['cpus_per_task']}"]
     if cluster["cpu_bind"]:
-        args.append(f"--cpu-bind={cluster['cpu_bind']}")
+        args.append(f"--cpu-bind={cpu_bind(cluster)}")
     if cluster["gpu_bind"]:
         args.append(f"--gpu-bind={cluster['gpu_bind']}")
     return args
+
+
+def cpu_bind(cluster: Mapping[str, Any]) -> str:
+    """Explicit core masks are only valid on a whole node (LUMI): a shared allocation binds to its own cores."""
+    bind = cluster["cpu_bind"]
+    whole_node = cluster["exclusive"] and gpus_requested(cluster) == cluster["gpus_per_node"]
+    if bind.startswith(("mask_cpu", "map_cpu")) and not whole_node:
+        return "cores"
+    return bind
 
 
 def submitit_parameters(cfg: Mapping[str, Any], plan: JobPlan) -> Dict[str, Any]:

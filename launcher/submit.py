@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 from typing import Any, Mapping
 
 from launcher.errors import ConfigError
@@ -15,6 +16,24 @@ def check_slurm_available() -> None:
         raise ConfigError(
             "+cluster", "(sbatch not found)", "a machine with Slurm's sbatch and srun on the PATH",
             "run this on the cluster's login node, or add dry_run=true to see the job without submitting",
+        )
+
+
+def check_no_active_job(run_dir: Path, run_name: str) -> None:
+    """Two job chains on one run directory would fight over its checkpoints (and pay twice): refuse the second."""
+    from launcher.slurm_query import job_states
+    from launcher.status import job_ids_of
+
+    if not (run_dir / "slurm").is_dir():
+        return
+    states = job_states(job_ids_of(run_dir))
+    active = sorted((job, state.state) for job, state in states.items() if not state.final)
+    if active:
+        job, state = active[-1]
+        raise ConfigError(
+            "run_name", run_name, "a run with no queued or running job",
+            f"job {job} of this run is {state}; it resumes by itself. Cancel it first "
+            f"(python -m launcher.status cancel {run_dir}) or choose another run_name",
         )
 
 

@@ -25,7 +25,9 @@ BACKENDS = ("nccl", "gloo")
 # (sbatch exports it), never through a file we write.
 _SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|CREDENTIAL", re.IGNORECASE)
 # Values that look like credentials (Hugging Face, GitHub, OpenAI-style, W&B 40-hex keys).
-_SECRET_VALUE = re.compile(r"\b(hf_[A-Za-z0-9]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9]{20,}|[0-9a-f]{40})\b")
+_SECRET_VALUE = re.compile(r"\b(hf_[A-Za-z0-9]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9]{20,})\b")
+# A bare 40-hex value is a W&B key; inside a path it is a Hugging Face snapshot or git commit directory.
+_SECRET_HEX = re.compile(r"^[0-9a-f]{40}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -79,7 +81,7 @@ def _check_safety(cfg: Mapping[str, Any]) -> None:
             continue
         if _CONTROL.search(value):
             raise ConfigError(field, value, "printable characters only (no newlines or control characters)")
-        if _SECRET_VALUE.search(value):
+        if _SECRET_VALUE.search(value) or _SECRET_HEX.match(value):
             raise ConfigError(
                 field, "<redacted>", "no credentials in the config",
                 "export the token in your shell instead (e.g. HF_TOKEN): sbatch passes it to the job unwritten",

@@ -10,18 +10,24 @@ from launcher.memory_check import model_shape
 from login_helpers import LEONARDO_ACCOUNT, LUMI_ACCOUNT, config, run_launcher
 
 
-def test_flops_per_token_is_6n_plus_attention():
+EMBEDDING_8B = 128256 * 4096
+MATMUL_8B = 8_030_261_248 - EMBEDDING_8B  # the input embedding is a lookup, not a matmul
+
+
+def test_flops_per_token_is_6n_plus_attention_as_the_job_counts_it():
     cfg = config(["model=llama-8b"])
     shape = model_shape(cfg["model"])
     assert shape.n_params() == 8_030_261_248  # Llama-3.1-8B
-    assert flops_per_token(shape, 4096) == 6 * 8_030_261_248 + 12 * 32 * 4096 * 4096
+    assert flops_per_token(shape, 4096) == 6 * MATMUL_8B + 12 * 32 * 4096 * 4096
+    # LoRA: weight gradients only for the adapters.
+    assert flops_per_token(shape, 4096, trainable=1000) == 4 * MATMUL_8B + 2 * 1000 + 12 * 32 * 4096 * 4096
 
 
 def test_lumi_budget_from_assumed_mfu():
     cfg = config(["+cluster=lumi", LUMI_ACCOUNT, "model=llama-8b", "nodes=16", "train.seq_len=4096",
                   "budget.tokens=2e11"])
     budget = estimate_budget(cfg, make_plan(cfg))
-    per_device = 0.35 * 191.5e12 / (6 * 8_030_261_248 + 12 * 32 * 4096 * 4096)
+    per_device = 0.35 * 191.5e12 / (6 * MATMUL_8B + 12 * 32 * 4096 * 4096)
     hours = 2e11 / (per_device * 128) / 3600
     assert budget.tokens_per_s_per_device == pytest.approx(per_device)
     assert budget.walltime_h == pytest.approx(hours)

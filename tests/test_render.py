@@ -90,3 +90,11 @@ def test_sbatch_lines_never_contain_shell_variables():
         for line in rendered(overrides).splitlines():
             if line.startswith("#SBATCH"):
                 assert "$" not in line, line
+
+
+def test_core_masks_need_a_whole_node_else_bind_to_cores():
+    whole = rendered(CASES["lumi_zero3_4nodes.sh"])
+    assert "--cpu-bind=mask_cpu:" in whole and "--cpus-per-task=7" in whole.split("# command")[1]
+    shared = rendered(["+cluster=lumi", LUMI_ACCOUNT, "cluster.partition=small-g", "cluster.gpus_per_node_requested=2",
+                       "cluster.tasks_per_node=2", "cluster.exclusive=false", "output_dir=/scratch/p/runs"])
+    assert "--cpu-bind=cores" in shared and "mask_cpu" not in shared

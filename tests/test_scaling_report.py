@@ -75,7 +75,8 @@ def test_lumi_billing_matches_the_launchers_cost():
     small["partition"] = "small-g"
     # gpu_hours rule: max(8 GCDs, ceil(8 x 7 cores / 8) = 7) / 2 GCDs per billed GPU = 4 per node-hour
     assert m.billing_rate_per_node_hour(small) == 4.0
-    small["gpus_per_node_requested"], small["tasks_per_node"] = 2, 2  # 2 GCDs, 14 cores: max(2, 2) / 2 = 1
+    # a shared (non-exclusive) job of 2 GCDs and 14 cores: max(2, 2) / 2 = 1
+    small["gpus_per_node_requested"], small["tasks_per_node"], small["exclusive"] = 2, 2, False
     assert m.billing_rate_per_node_hour(small) == 1.0
     for c in (cluster, small):
         assert m.billing_rate_per_node_hour(c) * 3 * 2 == pytest.approx(billing_units(c, 3, 7200))

@@ -179,3 +179,14 @@ def test_job_runs_through_a_stand_in_apptainer_that_checks_binds_and_environment
         assert name in seen["forwarded"], name
     assert sorted(losses(work / "runs" / "container")) == list(range(1, 7))
     assert (work / "runs" / "container" / "export" / "config.json").exists()
+
+
+def test_second_submission_of_a_run_with_a_live_job_is_refused(work):
+    (job,) = submit([*TINY, "run_name=busy", "train.max_steps=100", "train.debug_step_sleep_s=1"], work)
+    again = run_launcher([*TINY, "run_name=busy", "train.max_steps=100"], cwd=work)
+    assert again.returncode == 2
+    assert f"job {job} of this run is" in again.stderr and "launcher.status cancel" in again.stderr
+    cancel = subprocess.run([sys.executable, "-m", "launcher.status", "cancel", str(work / "runs" / "busy")],
+                            capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert cancel.returncode == 0, cancel.stderr
+    assert wait_final(job, timeout_s=120) == "CANCELLED"

@@ -94,6 +94,9 @@ def test_slurm_time_formats(text, seconds):
         (["+cluster=lumi", LUMI_ACCOUNT, "cluster.partition=small-g", "cluster.gpus_per_node_requested=2",
           "cluster.tasks_per_node=2", "cluster.exclusive=false"], 1.0),
         (["+cluster=leonardo", LEONARDO_ACCOUNT, "nodes=2", "cluster.time=02:00:00"], 4.0),  # node-hours
+        # exclusive holds (and pays for) the whole node even when fewer GCDs are asked for
+        (["+cluster=lumi", LUMI_ACCOUNT, "cluster.partition=small-g", "cluster.gpus_per_node_requested=2",
+          "cluster.tasks_per_node=2"], 4.0),
     ],
 )
 def test_billing_for_requested_walltime(overrides, units):
@@ -121,3 +124,11 @@ def test_global_batch_size_derives_grad_accum_per_world_size():
     with pytest.raises(ConfigError) as error:
         apply_global_batch(cfg, make_plan(cfg).world_size)
     assert error.value.field == "train.global_batch_size" and "2 x 64" in str(error.value)
+
+
+def test_hugging_face_snapshot_paths_are_not_mistaken_for_credentials(tmp_path):
+    snapshot = tmp_path / "models--meta-llama--Llama-3.1-8B" / "snapshots" / ("0123456789abcdef" * 3)[:40]
+    snapshot.mkdir(parents=True)
+    validate(config([f"model.pretrained={snapshot}"]))
+    error = error_for(["+cluster=local_slurm", "+cluster.env.WANDB_KEYISH=" + "ab12" * 10])
+    assert error.field == "cluster.env.WANDB_KEYISH"

@@ -216,30 +216,15 @@ def node_hours_per_billion_tokens(tokens_per_s: float, nodes: float) -> float:
 def billing_rate_per_node_hour(cluster: Optional[Mapping[str, Any]]) -> Optional[float]:
     """Billing units one node costs per hour, in the cluster's ``billing_unit``; None for a local run.
 
-    The rule of ``launcher.jobplan.billing_units``:
-    1. the partition's ``billing_per_node_hour`` when set (LUMI standard-g: 4.0 GPU-hours per node-hour, whole nodes);
-    2. ``gpu_hours``: max(GPUs requested, ceil(cores / 8)) / ``gpus_per_billing_gpu`` (LUMI small-g/dev-g: 8 GCDs
-       and 56 cores -> max(8, 7) / 2 = 4 GPU-hours per node-hour);
-    3. ``core_hours``: ``cpus_per_node``;
-    4. ``node_hours`` (Leonardo): 1.
+    The launcher's own rule (``launcher.jobplan.billing_units``) for one node and one hour: the partition's
+    ``billing_per_node_hour`` (LUMI standard-g: 4 GPU-hours), else LUMI's GPU-hour rule (whole node when exclusive),
+    core-hours, or node-hours (Leonardo: 1).
     """
     if not cluster:
         return None
-    partitions = cluster.get("partitions") or {}
-    limits = partitions.get(cluster.get("partition")) or {}
-    if limits.get("billing_per_node_hour") is not None:
-        return float(limits["billing_per_node_hour"])
-    unit = cluster.get("billing_unit", "node_hours")
-    if unit == "gpu_hours":
-        gpus = cluster.get("gpus_per_node_requested")
-        gpus = cluster.get("gpus_per_node", 0) if gpus is None else gpus
-        tasks = cluster.get("tasks_per_node")
-        tasks = tasks if tasks is not None else max(1, gpus)
-        cores = tasks * cluster.get("cpus_per_task", 1)
-        return max(gpus, math.ceil(cores / 8)) / float(cluster.get("gpus_per_billing_gpu") or 1)
-    if unit == "core_hours":
-        return float(cluster.get("cpus_per_node", 1))
-    return 1.0
+    from launcher.jobplan import billing_units
+
+    return float(billing_units(cluster, 1, 3600))
 
 
 def billing_units_per_billion_tokens(tokens_per_s: float, nodes: float, rate_per_node_hour: float) -> float:

@@ -53,13 +53,15 @@ def run(run_dir: str | Path) -> int:
     from launcher.train import distributed as D
 
     cluster = cfg.cluster if cfg.get("cluster") else None
+    # Before the rendezvous: a time-limit or preemption signal during a slow start must only set the flag.
+    restore_signals = D.install_signal_handlers()
+    D.clear_stop()
     try:
         env = D.setup(cluster)
     except Exception as e:  # noqa: BLE001 - rendezvous timeout, no GPU for nccl, ...
+        restore_signals()
         print(f"train: error: cannot start the process group: {e}", file=sys.stderr, flush=True)
         return EXIT_FAILED
-    restore_signals = D.install_signal_handlers()
-    D.clear_stop()
     try:
         return _run(cfg, env, run_dir)
     except _input_errors() as e:
@@ -215,14 +217,14 @@ def _preflight_and_fingerprint(cfg: Any, env: Any, run_dir: Path) -> None:
     """Before building anything: check the allocation (devices, binding, bandwidth) and record the environment."""
     from launcher.preflight import preflight_enabled, run_preflight
 
-    if env.is_main:
+    if preflight_enabled(cfg) and not cfg.export_only:
+        # The first collective also creates NCCL's communicators: slow on hundreds of GPUs and cold nodes.
+        run_preflight(cfg, rank=env.rank, local_rank=env.local_rank, world_size=env.world_size, device=env.device,
+                      run_dir=run_dir, timeout_s=300.0 + env.world_size / 8)
+    if env.is_main:  # after the preflight: its imports and image hashing must not eat into the others' timeout
         from launcher.scaling.fingerprint import write_fingerprint
 
         write_fingerprint(run_dir, env.world_size)
-    if preflight_enabled(cfg) and not cfg.export_only:
-        # The first collective also creates NCCL's communicators: slow on hundreds of GPUs.
-        run_preflight(cfg, rank=env.rank, local_rank=env.local_rank, world_size=env.world_size, device=env.device,
-                      run_dir=run_dir, timeout_s=max(60.0, env.world_size / 8))
 
 
 def _as_dict(cfg: Any) -> dict:

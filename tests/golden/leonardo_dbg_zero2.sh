@@ -65,7 +65,7 @@ fi
 
 # command
 export SUBMITIT_EXECUTOR=slurm
-srun --unbuffered --output /leonardo_work/EUHPC_D35_189/runs/tiny-zero2-none/slurm/%j_%t_log.out --kill-on-bad-exit=1 --cpu-bind=cores singularity exec --nv --bind /leonardo_scratch,/leonardo,/leonardo_work,/opt/launcher-src --env PYTHONPATH=/opt/launcher-src /leonardo_work/EUHPC_D35_189/l.sif python -u -m submitit.core._submit /leonardo_work/EUHPC_D35_189/runs/tiny-zero2-none/slurm
+srun --unbuffered --output /leonardo_work/EUHPC_D35_189/runs/tiny-zero2-none/slurm/%j_%t_log.out --kill-on-bad-exit=1 --cpus-per-task=8 --cpu-bind=cores singularity exec --nv --bind /leonardo_scratch,/leonardo,/leonardo_work,/opt/launcher-src --env PYTHONPATH=/opt/launcher-src /leonardo_work/EUHPC_D35_189/l.sif python -u -m submitit.core._submit /leonardo_work/EUHPC_D35_189/runs/tiny-zero2-none/slurm
 
 
 # teardown
@@ -76,8 +76,11 @@ if [ -f "$LAUNCHER_RUN_DIR/.requeue_requested" ]; then
   if [ "${SLURM_RESTART_COUNT:-0}" -lt "$LAUNCHER_MAX_REQUEUES" ]; then
     echo "launcher: checkpoint saved after a stop signal; requeueing job ${SLURM_JOB_ID} (attempt ${LAUNCHER_ATTEMPT} of at most $(( LAUNCHER_MAX_REQUEUES + 1 )))"
     echo "launcher: job ${SLURM_JOB_ID} attempt ${LAUNCHER_ATTEMPT} requeued $(date -Is)" >> "$LAUNCHER_RUN_DIR/logs/attempts.log"
-    scontrol requeue "$SLURM_JOB_ID"
-    exit 0
+    if scontrol requeue "$SLURM_JOB_ID"; then
+      exit 0
+    fi
+    echo "launcher: scontrol requeue failed; the checkpoint is saved: resubmit the same command to continue" >&2
+    exit 1
   fi
   echo "launcher: checkpoint saved, but the requeue cap (cluster.max_requeues=${LAUNCHER_MAX_REQUEUES}) is reached; resubmit the same command to continue" >&2
   exit 1

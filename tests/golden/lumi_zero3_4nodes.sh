@@ -74,7 +74,7 @@ fi
 
 # command
 export SUBMITIT_EXECUTOR=slurm
-srun --unbuffered --output /scratch/project_465000123/runs/llama-8b-zero3-none/slurm/%j_%t_log.out --kill-on-bad-exit=1 --cpu-bind=mask_cpu:0x00fe000000000000,0xfe00000000000000,0x0000000000fe0000,0x00000000fe000000,0x00000000000000fe,0x000000000000fe00,0x000000fe00000000,0x0000fe0000000000 singularity exec --bind /var/spool/slurmd,/opt/cray,/usr/lib64/libcxi.so.1,/pfs,/scratch,/projappl,/project,/flash,/appl,/opt/launcher-src --env PYTHONPATH=/opt/launcher-src /project/project_465000123/containers/launcher-lumi.sif python -u -m submitit.core._submit /scratch/project_465000123/runs/llama-8b-zero3-none/slurm
+srun --unbuffered --output /scratch/project_465000123/runs/llama-8b-zero3-none/slurm/%j_%t_log.out --kill-on-bad-exit=1 --cpus-per-task=7 --cpu-bind=mask_cpu:0x00fe000000000000,0xfe00000000000000,0x0000000000fe0000,0x00000000fe000000,0x00000000000000fe,0x000000000000fe00,0x000000fe00000000,0x0000fe0000000000 singularity exec --bind /var/spool/slurmd,/opt/cray,/usr/lib64/libcxi.so.1,/pfs,/scratch,/projappl,/project,/flash,/appl,/opt/launcher-src --env PYTHONPATH=/opt/launcher-src /project/project_465000123/containers/launcher-lumi.sif python -u -m submitit.core._submit /scratch/project_465000123/runs/llama-8b-zero3-none/slurm
 
 
 # teardown
@@ -85,8 +85,11 @@ if [ -f "$LAUNCHER_RUN_DIR/.requeue_requested" ]; then
   if [ "${SLURM_RESTART_COUNT:-0}" -lt "$LAUNCHER_MAX_REQUEUES" ]; then
     echo "launcher: checkpoint saved after a stop signal; requeueing job ${SLURM_JOB_ID} (attempt ${LAUNCHER_ATTEMPT} of at most $(( LAUNCHER_MAX_REQUEUES + 1 )))"
     echo "launcher: job ${SLURM_JOB_ID} attempt ${LAUNCHER_ATTEMPT} requeued $(date -Is)" >> "$LAUNCHER_RUN_DIR/logs/attempts.log"
-    scontrol requeue "$SLURM_JOB_ID"
-    exit 0
+    if scontrol requeue "$SLURM_JOB_ID"; then
+      exit 0
+    fi
+    echo "launcher: scontrol requeue failed; the checkpoint is saved: resubmit the same command to continue" >&2
+    exit 1
   fi
   echo "launcher: checkpoint saved, but the requeue cap (cluster.max_requeues=${LAUNCHER_MAX_REQUEUES}) is reached; resubmit the same command to continue" >&2
   exit 1
