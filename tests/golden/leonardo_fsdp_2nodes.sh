@@ -44,6 +44,8 @@ export TRANSFORMERS_OFFLINE=1
 export WANDB_MODE=offline
 # --- Leonardo Booster: Hugging Face caches on $WORK/$FAST, never $HOME (50 GB) ---
 export HF_HOME="${HF_HOME:-${WORK:-$HOME}/.cache/huggingface}"
+# DeepSpeed's JIT-built ops (e.g. CPU Adam for offload) go beside it, not into $HOME.
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-${HF_HOME%/huggingface}/torch_extensions}"
 # --- container: the job's environment goes in by name; values stay in the environment (launcher/container.py) ---
 for launcher_var in MASTER_ADDR MASTER_PORT LAUNCHER_RUN_DIR LAUNCHER_ATTEMPT LAUNCHER_MAX_REQUEUES \
      LAUNCHER_SIGNAL_LEAD_S HF_HOME HF_HUB_CACHE HF_DATASETS_CACHE TORCH_HOME TORCH_EXTENSIONS_DIR \
