@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 from pathlib import Path
@@ -48,6 +49,11 @@ def train_task(run_dir: str) -> int:
     from launcher.train.main import run  # the only import of the training stack, inside the job
 
     code = run(run_dir)
+    if code in (0, EXIT_REQUEUE):
+        # After submitit has written the result: skip static teardown (see launcher.train.__main__.exit_now).
+        from launcher.train.__main__ import exit_now
+
+        atexit.register(exit_now, 0)
     if code == EXIT_REQUEUE:
         if os.environ.get("SLURM_PROCID", "0") == "0":
             Path(run_dir, REQUEUE_MARKER).touch()
