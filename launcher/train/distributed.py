@@ -24,7 +24,9 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from datetime import timedelta
 from typing import Any, Callable, Dict, Mapping, MutableMapping, Optional, Sequence
 
@@ -316,32 +318,71 @@ class PeerFailed(RuntimeError):
 class AgreeingBarrier:
     """A barrier that also carries "I failed": the phases where rank 0 works alone (tokenizer training, tokenizing)
     end in a barrier; if rank 0 raises before reaching it, ``fail()`` releases the others with ``PeerFailed``
-    instead of leaving them in the barrier until the collective timeout (NCCL would wait there for 30 minutes)."""
+    instead of leaving them in the barrier until the collective timeout (NCCL would wait there for 30 minutes).
 
-    def __init__(self, device: Any, what: str) -> None:
+    With ``flag`` (a path on the shared file system), the other ranks first wait for rank 0 to drop that file, with no
+    time limit, and only then enter the collective: tokenizing a large corpus can take longer than any collective
+    timeout, which would otherwise kill the job while rank 0 is still working."""
+
+    POLL_S = 2.0
+
+    def __init__(self, device: Any, what: str, flag: Optional[Path] = None) -> None:
         self.device = device
         self.what = what
+        self.flag = flag
         self.called = False
 
     def __call__(self) -> None:
         self.called = True
+        self._signal_or_wait()
         if all_reduce_max([0.0], self.device)[0] > 0:
             raise PeerFailed(f"another rank failed while {self.what} (its error is above)")
 
     def fail(self) -> None:
         if not self.called:
             self.called = True
+            self._signal_or_wait()
             all_reduce_max([1.0], self.device)
 
+    def _signal_or_wait(self) -> None:
+        if self.flag is None:
+            return
+        if _rank() == 0:
+            self.flag.parent.mkdir(parents=True, exist_ok=True)
+            self.flag.touch()
+            return
+        started = time.monotonic()
+        while not self.flag.exists():
+            time.sleep(self.POLL_S)
+            waited = time.monotonic() - started
+            if int(waited) % 600 < self.POLL_S:
+                log(f"still waiting for rank 0 ({self.what}): {waited / 60:.0f} min")
 
-def run_together(fn: Callable[[AgreeingBarrier], Any], device: Any, what: str) -> Any:
-    """``fn(barrier)`` where every rank calls ``barrier()`` once; a rank that raises first releases the others."""
-    agreeing = AgreeingBarrier(device, what)
+
+def run_together(fn: Callable[[AgreeingBarrier], Any], device: Any, what: str, flag_dir: Optional[Path] = None) -> Any:
+    """``fn(barrier)`` where every rank calls ``barrier()`` once; a rank that raises first releases the others.
+
+    ``flag_dir``: a shared directory where rank 0 signals the end of its lone work (see AgreeingBarrier)."""
+    flag = None
+    if flag_dir is not None:
+        # A fresh name per phase and attempt, agreed on by all ranks, so a stale file never releases anyone early.
+        nonce = broadcast_object(os.urandom(8).hex())
+        flag = Path(flag_dir) / f".ready-{nonce}"
+    agreeing = AgreeingBarrier(device, what, flag)
     try:
         return fn(agreeing)
     except BaseException:
         agreeing.fail()
         raise
+    finally:
+        if flag is not None and _rank() == 0:
+            flag.unlink(missing_ok=True)
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -157,7 +157,7 @@ def _run(cfg: Any, env: Any, run_dir: Path) -> int:
         return EXIT_OK
 
     try:
-        splits = _datasets(cfg, plain_cfg, tokenizer, env, seed)
+        splits = _datasets(cfg, plain_cfg, tokenizer, env, seed, run_dir)
         sampler = _sampler(splits, cfg, env, seed)
     except ValueError as e:
         if isinstance(e, _input_errors()):
@@ -252,10 +252,11 @@ def _tokenizer(cfg: Any, plain_cfg: dict, run_dir: Path, env: Any) -> Any:
         ),
         env.device,
         "building the tokenizer",
+        flag_dir=run_dir / ".sync",
     )
 
 
-def _datasets(cfg: Any, plain_cfg: dict, tokenizer: Any, env: Any, seed: int) -> Any:
+def _datasets(cfg: Any, plain_cfg: dict, tokenizer: Any, env: Any, seed: int, run_dir: Path) -> Any:
     from launcher.train import distributed as D
     from launcher.train.data import cache_root_for, prepare_datasets
 
@@ -267,6 +268,7 @@ def _datasets(cfg: Any, plain_cfg: dict, tokenizer: Any, env: Any, seed: int) ->
         ),
         env.device,
         "preparing the data",
+        flag_dir=run_dir / ".sync",
     )
 
 
