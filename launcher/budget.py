@@ -8,6 +8,7 @@ from typing import Any, Mapping, Optional
 from launcher.jobplan import JobPlan, billing_units
 from launcher.memory_check import model_shape
 from launcher.planning import ModelShape, get_device
+from launcher.scaling.metrics import model_flops_per_token
 from launcher.summary import UNIT_NAMES
 
 
@@ -17,8 +18,8 @@ def flops_per_token(shape: ModelShape, seq_len: int, trainable: Optional[int] = 
     trainable ones (LoRA: the adapters), plus 12*L*H*S for attention."""
     embedding = 0 if shape.tie_embeddings else shape.vocab_size * shape.hidden_size
     matmul = shape.n_params() - embedding
-    trained = matmul if trainable is None else min(trainable, matmul)
-    return 4 * matmul + 2 * trained + 12 * shape.n_layers * shape.hidden_size * seq_len
+    frozen = 0 if trainable is None else matmul - min(trainable, matmul)
+    return model_flops_per_token(matmul, shape.n_layers, seq_len, shape.hidden_size) - 2 * frozen
 
 
 @dataclass(frozen=True)

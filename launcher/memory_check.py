@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any, List, Mapping, Tuple
 
 from launcher.errors import ConfigError
@@ -55,9 +56,4 @@ def check_fits(cfg: Mapping[str, Any], world_size: int) -> None:
 
 def model_shape(model_cfg: Mapping[str, Any]) -> ModelShape:
     """The planner's view of the model config (ModelShape.from_config reads attributes)."""
-    return ModelShape.from_config(_Attrs(model_cfg))
-
-
-class _Attrs:
-    def __init__(self, values: Mapping[str, Any]) -> None:
-        self.__dict__.update(values)
+    return ModelShape.from_config(SimpleNamespace(**model_cfg))

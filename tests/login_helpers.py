@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import subprocess
 import sys
@@ -27,3 +28,15 @@ def run_launcher(args: Sequence[str], *, cwd: Path, env: Dict[str, str] | None =
     return subprocess.run(
         [sys.executable, "-m", "launcher", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=120
     )
+
+
+def assert_matches_golden(path: Path, text: str) -> None:
+    """Compare with a golden file; UPDATE_GOLDEN=1 rewrites it (review the diff before committing)."""
+    import pytest
+
+    if os.environ.get("UPDATE_GOLDEN"):
+        path.write_text(text)
+    expected = path.read_text()
+    if text != expected:
+        diff = "".join(difflib.unified_diff(expected.splitlines(True), text.splitlines(True), str(path), "rendered"))
+        pytest.fail(f"{path.name} differs from its golden file (UPDATE_GOLDEN=1 to regenerate, then review):\n{diff}")

@@ -6,7 +6,6 @@ then review the diff of tests/golden/containers_*.txt before committing it.
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import re
@@ -34,7 +33,7 @@ from launcher.container import (
     read_recipe,
     setup_lines,
 )
-from login_helpers import LEONARDO_ACCOUNT, LUMI_ACCOUNT, REPO, config
+from login_helpers import assert_matches_golden, LEONARDO_ACCOUNT, LUMI_ACCOUNT, REPO, config
 
 RECIPES = REPO / "containers"
 GOLDEN = Path(__file__).parent / "golden"
@@ -183,13 +182,7 @@ def rendered(overrides, run_dir):
 @pytest.mark.parametrize("name", sorted(GOLDEN_CASES))
 def test_golden_container_command(name):
     text = rendered(*GOLDEN_CASES[name])
-    path = GOLDEN / name
-    if os.environ.get("UPDATE_GOLDEN"):
-        path.write_text(text)
-    expected = path.read_text()
-    if text != expected:
-        diff = "".join(difflib.unified_diff(expected.splitlines(True), text.splitlines(True), str(path), "rendered"))
-        pytest.fail(f"{name} differs from its golden file (UPDATE_GOLDEN=1 to regenerate, then review):\n{diff}")
+    assert_matches_golden(GOLDEN / name, text)
 
 
 def test_lumi_command_binds_the_machine_and_the_checkout():

@@ -6,8 +6,6 @@ then review the diff of tests/golden/ before committing it.
 
 from __future__ import annotations
 
-import difflib
-import os
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,7 @@ import launcher.render
 from launcher.jobplan import make_plan
 from launcher.render import render_script
 from launcher.validation import validate
-from login_helpers import LEONARDO_ACCOUNT, LUMI_ACCOUNT, config
+from login_helpers import assert_matches_golden, LEONARDO_ACCOUNT, LUMI_ACCOUNT, config
 
 GOLDEN = Path(__file__).parent / "golden"
 CASES = {
@@ -48,13 +46,7 @@ def rendered(overrides):
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_golden_script(name):
     script = rendered(CASES[name])
-    path = GOLDEN / name
-    if os.environ.get("UPDATE_GOLDEN"):
-        path.write_text(script)
-    expected = path.read_text()
-    if script != expected:
-        diff = "".join(difflib.unified_diff(expected.splitlines(True), script.splitlines(True), str(path), "rendered"))
-        pytest.fail(f"{name} differs from its golden file (UPDATE_GOLDEN=1 to regenerate, then review):\n{diff}")
+    assert_matches_golden(GOLDEN / name, script)
 
 
 def test_lumi_script_has_what_lumi_needs():

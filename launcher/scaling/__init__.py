@@ -6,30 +6,5 @@ Login-node code: stdlib only at import time (matplotlib is imported inside ``plo
     python -m launcher.scaling report runs/ --tokens 2e11
 """
 
-from __future__ import annotations
-
-from launcher.scaling.metrics import (
-    billing_rate_per_node_hour,
-    billing_units_per_billion_tokens,
-    model_flops_per_token,
-    mfu,
-    node_hours_per_billion_tokens,
-    project,
-    scaling_efficiency,
-    throughput_stats,
-)
-from launcher.scaling.report import Point, collect_points, write_report
-
-__all__ = [
-    "Point",
-    "billing_rate_per_node_hour",
-    "billing_units_per_billion_tokens",
-    "collect_points",
-    "mfu",
-    "model_flops_per_token",
-    "node_hours_per_billion_tokens",
-    "project",
-    "scaling_efficiency",
-    "throughput_stats",
-    "write_report",
-]
+# Nothing is imported here: the login-node dry run imports launcher.scaling.metrics alone (its budget uses the same
+# FLOPs count), and must not pay for the report's modules.

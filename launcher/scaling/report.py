@@ -21,7 +21,6 @@ import re
 from collections import Counter, OrderedDict
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from launcher.scaling import metrics as m
@@ -235,14 +234,11 @@ def _clip(text: str) -> str:
 def _model_numbers(model: Mapping[str, Any], seq_len: Optional[int]) -> Tuple[Optional[int], Optional[float]]:
     """(all parameters, 6N + 12LHS FLOPs per token) of a Llama-style model built from the config numbers."""
     try:
-        from launcher.planning.memory import ModelShape
+        from launcher.budget import flops_per_token
+        from launcher.memory_check import model_shape
 
-        shape = ModelShape.from_config(SimpleNamespace(**model))
-        n_total = shape.n_params()
-        embedding = 0 if shape.tie_embeddings else shape.vocab_size * shape.hidden_size
-        flops = m.model_flops_per_token(n_total - embedding, shape.n_layers, int(seq_len), shape.hidden_size) \
-            if seq_len else None
-        return n_total, flops
+        shape = model_shape(model)
+        return shape.n_params(), flops_per_token(shape, int(seq_len)) if seq_len else None
     except Exception:  # an architecture the planner does not know: MFU then comes from the job's own log
         return None, None
 
