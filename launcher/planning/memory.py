@@ -295,7 +295,10 @@ def estimate_memory(
     ``n_params`` is the model's parameter count (the frozen base when ``lora_params`` is given). Model states
     per parameter (ZeRO paper, K = 12): 2 B params + 2 B grads + 12 B Adam state in bf16/fp16, 4 + 4 + 8 B in
     fp32; sharded over ``world_size`` ranks: zero1 the optimizer state, zero2 also the gradients, zero3 and
-    fsdp also the parameters.
+    fsdp also the parameters. DDP is the exception: it keeps the fp32 model and autocasts, so in bf16/fp16 it holds
+    4 + 2 B of weights (fp32 + the 16-bit forward copies), 4 B of fp32 gradients and 8 B of Adam moments: 18 B.
+    FSDP reduce-scatters after every micro-batch, so gradient accumulation adds nothing (see launcher.train.strategies
+    .fsdp).
 
     With ``shape``, zero3/fsdp also hold the largest module gathered whole (parameters and gradient, the
     convention of DeepSpeed's ``estimate_zero3_model_states_mem_needs``), and activations are estimated by
@@ -322,9 +325,19 @@ def estimate_memory(
         raise ValueError(f"offload_optimizer needs a ZeRO stage or fsdp; strategy {strategy!r} cannot offload")
 
     trainable, frozen = (n_params, 0) if lora_params is None else (lora_params, n_params)
-    parameters = _share(trainable * b.param, world_size, stage >= 3) + _share(frozen * b.param, world_size, stage >= 3)
-    gradients = _share(trainable * b.grad, world_size, stage >= 2)
-    optimizer = _share(trainable * b.optim, world_size, stage >= 1)
+    notes: list[str] = []
+    if stage == 0 and b.param < 4:
+        # DDP trains the fp32 model under autocast: fp32 weights, fp32 gradients (views into the all-reduce buckets,
+        # gradient_as_bucket_view), Adam's two fp32 moments, plus the 16-bit copy of every weight that autocast
+        # makes for the forward and keeps for backward: 4 + 2, 4 and 8 bytes per parameter.
+        parameters = (trainable + frozen) * (4 + b.param)
+        gradients, optimizer = trainable * 4, trainable * 8
+        notes.append("ddp: fp32 weights under autocast + their 16-bit copies (6 B/param), fp32 grads and Adam")
+    else:
+        parameters = _share(trainable * b.param, world_size, stage >= 3) + _share(frozen * b.param, world_size,
+                                                                                  stage >= 3)
+        gradients = _share(trainable * b.grad, world_size, stage >= 2)
+        optimizer = _share(trainable * b.optim, world_size, stage >= 1)
 
     offloaded = 0
     if offload_optimizer:
@@ -335,7 +348,6 @@ def estimate_memory(
         offloaded += parameters
         parameters = 0
 
-    notes: list[str] = []
     if stage == 3 and shape is not None:
         # The module being computed is gathered whole (and, when trainable, its full gradient before the
         # reduce-scatter). FSDP gathers a whole wrapped block, and prefetching holds the next one: a lower bound.

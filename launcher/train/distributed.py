@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from datetime import timedelta
-from typing import Any, Callable, Dict, Mapping, MutableMapping, Optional, Sequence
+from typing import Any, Callable, Dict, Mapping, MutableMapping, Optional, Sequence, Tuple
 
 # Rendezvous (and the first collective) must fail instead of burning the allocation: 10 minutes.
 INIT_TIMEOUT_S = float(os.environ.get("LAUNCHER_DIST_INIT_TIMEOUT_S", 600))
@@ -139,10 +139,16 @@ def topology_from_env(environ: Mapping[str, str]) -> Topology:
     return Topology(0, 0, 1, "127.0.0.1", int(environ.get("MASTER_PORT") or _free_port()), "single")
 
 
-def export_topology(topo: Topology, environ: MutableMapping[str, str]) -> None:
-    """Make the env:// rendezvous (and DeepSpeed, which reads the same variables) see this topology."""
+def export_topology(topo: Topology, environ: MutableMapping[str, str], *, single_device: bool = False) -> None:
+    """Make the env:// rendezvous (and DeepSpeed, which reads the same variables) see this topology.
+
+    ``single_device``: this process sees exactly one GPU (LUMI's one GCD per task through ROCR_VISIBLE_DEVICES).
+    DeepSpeed's engine and ``zero.Init`` call ``set_device(LOCAL_RANK)``, so LOCAL_RANK must then be 0, the only
+    ordinal that exists; the node-local rank itself stays in ``LAUNCHER_LOCAL_RANK`` (and SLURM_LOCALID).
+    """
     environ["RANK"] = str(topo.rank)
-    environ["LOCAL_RANK"] = str(topo.local_rank)
+    environ["LOCAL_RANK"] = "0" if single_device else str(topo.local_rank)
+    environ["LAUNCHER_LOCAL_RANK"] = str(topo.local_rank)
     environ["WORLD_SIZE"] = str(topo.world_size)
     if "LOCAL_WORLD_SIZE" not in environ:
         per_node = re.match(r"\d+", environ.get("SLURM_NTASKS_PER_NODE", "")) if topo.source == "slurm" else None
@@ -179,14 +185,37 @@ def select_visible_device(
 # Process group
 
 
+def prepare_environment(
+    cluster: Optional[Mapping[str, Any]], environ: MutableMapping[str, str]
+) -> Tuple[Topology, bool]:
+    """Topology, device selection and the variables torch and DeepSpeed read, before any GPU runtime starts (pure)."""
+    topo = topology_from_env(environ)
+    single_device = select_visible_device(cluster, topo.local_rank, environ)
+    export_topology(topo, environ, single_device=single_device)
+    return topo, single_device
+
+
+def process_group_backend(device_backend: str, device_type: str, *, cpu_collectives: bool) -> str:
+    """The ``init_process_group`` backend string.
+
+    ``cpu_collectives``: some collectives run on CPU tensors although the device is a GPU (FSDP2 with CPU offload
+    reduces the gradient norm over CPU DTensors); a NCCL-only group fails there ("No backend type associated with
+    device type cpu"), so CPU tensors get gloo beside it.
+    """
+    if device_type == "cuda" and cpu_collectives and device_backend != "gloo":
+        return f"cuda:{device_backend},cpu:gloo"
+    return device_backend
+
+
 def setup(
-    cluster: Optional[Mapping[str, Any]] = None, *, environ: Optional[MutableMapping[str, str]] = None
+    cluster: Optional[Mapping[str, Any]] = None,
+    *,
+    environ: Optional[MutableMapping[str, str]] = None,
+    cpu_collectives: bool = False,
 ) -> DistEnv:
     """Initialise torch.distributed from the environment and pick this rank's device."""
     environ = os.environ if environ is None else environ
-    topo = topology_from_env(environ)
-    single_device = select_visible_device(cluster, topo.local_rank, environ)
-    export_topology(topo, environ)
+    topo, single_device = prepare_environment(cluster, environ)
 
     import torch
     import torch.distributed as dist
@@ -209,7 +238,7 @@ def setup(
         )
     if not dist.is_initialized():
         dist.init_process_group(
-            backend=backend,
+            backend=process_group_backend(backend, device.type, cpu_collectives=cpu_collectives),
             init_method="env://",
             rank=topo.rank,
             world_size=topo.world_size,
@@ -220,15 +249,30 @@ def setup(
 
 
 def _extend_collective_timeout(dist: Any) -> None:
+    """One timeout for every process group: the world group's, and the groups created later (DeepSpeed clones the
+    world group, FSDP's device mesh and DeepSpeed's data-parallel groups call ``new_group``), which would otherwise
+    get torch's default instead of ours."""
+    from torch.distributed import distributed_c10d as c10d
+
+    timeout = timedelta(seconds=max(COLLECTIVE_TIMEOUT_S, INIT_TIMEOUT_S))
+    # new_group(timeout=None) reads these module globals (torch's _get_default_timeout).
+    c10d.default_pg_timeout = timeout
+    if hasattr(c10d, "default_pg_nccl_timeout"):
+        c10d.default_pg_nccl_timeout = timeout
     if COLLECTIVE_TIMEOUT_S <= INIT_TIMEOUT_S:
         return
-    setter = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
+    setter = getattr(c10d, "_set_pg_timeout", None)
     if setter is None:
         return
     try:
-        setter(timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+        setter(timeout)
     except Exception:  # private API: keep the init timeout if this torch refuses
         pass
+
+
+def collective_timeout_s() -> float:
+    """The timeout every process group of this job gets (seconds)."""
+    return max(COLLECTIVE_TIMEOUT_S, INIT_TIMEOUT_S)
 
 
 def teardown() -> None:

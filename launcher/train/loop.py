@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from launcher.train import distributed as D
-from launcher.train.metrics import MetricsFile, Progress, device_peak_tflops, peak_memory_gb
+from launcher.train.metrics import MetricsFile, PeakMemory, Progress, StepWindow, device_peak_tflops
 
 FINISHED = "finished"
 STOPPED = "stopped"
@@ -82,6 +82,8 @@ class Trainer:
             every=max(self.log_every, self.max_steps // 50 if self.max_steps > 200 else 1),
         )
         self.last_saved_step: Optional[int] = state.step if state.step > 0 else None
+        self.state_first_step_of_attempt = state.step + 1
+        self.peak_memory = PeakMemory(env.device)
 
     # -------------------------------------------------------------------------------------------------------------
     def train(self) -> str:
@@ -91,9 +93,7 @@ class Trainer:
         attempt_start = time.perf_counter()
         self._last_save_time = time.monotonic()
         self._started, self._first_step = time.monotonic(), self.state.step
-        window_start = time.perf_counter()
-        window_steps = 0
-        window_excluded = 0.0
+        window = StepWindow()
         loss_sum = torch.zeros((), dtype=torch.float32, device=device)
         grad_norm = torch.zeros((), dtype=torch.float32, device=device)
         agreement = D.LaggedAgreement(device)
@@ -109,21 +109,22 @@ class Trainer:
             grad_norm = strategy.step()
             if self.sleep_s:
                 time.sleep(self.sleep_s)
-            window_steps += 1
+            window.steps += 1
             self.state.step = step
             self.state.tokens += self.tokens_per_step
 
+            if step == self.state_first_step_of_attempt:
+                self.peak_memory.reset()  # from here on: the training peak, not the load's
             if step % self.log_every == 0 or step == self.max_steps:
-                elapsed = time.perf_counter() - window_start - window_excluded
-                self._log_train(step, loss_sum, window_steps, grad_norm, lr, elapsed,
+                values, steps, window_s = window.close(lambda: self._reduce_for_log(loss_sum, window.steps, grad_norm))
+                self._log_train(step, values, steps, lr, window_s,
                                 self.state.elapsed_s + time.perf_counter() - attempt_start)
                 loss_sum.zero_()
-                window_start, window_steps, window_excluded = time.perf_counter(), 0, 0.0
 
             if self.eval_every and (step % self.eval_every == 0 or step == self.max_steps):
                 paused = time.perf_counter()
                 self.evaluate(step)
-                window_excluded += time.perf_counter() - paused
+                window.excluded_s += time.perf_counter() - paused
             flags = agreement.collect()  # what every rank posted at the end of the previous step
             stop, time_due = bool(flags and flags[0] > 0), bool(flags and flags[1] > 0)
             if stop and step < self.max_steps:
@@ -136,7 +137,7 @@ class Trainer:
                 self.state.elapsed_s += paused - attempt_start
                 attempt_start = paused
                 self.save(step)
-                window_excluded += time.perf_counter() - paused
+                window.excluded_s += time.perf_counter() - paused
             if stop and step < self.max_steps:
                 outcome = STOPPED
                 break
@@ -148,13 +149,15 @@ class Trainer:
         return outcome
 
     # -------------------------------------------------------------------------------------------------------------
-    def _log_train(self, step: int, loss_sum: torch.Tensor, steps: int, grad_norm: torch.Tensor, lr: float,
-                   window_s: float, elapsed_s: float) -> None:
+    def _reduce_for_log(self, loss_sum: torch.Tensor, steps: int, grad_norm: torch.Tensor) -> list:
+        """[mean loss over ranks and the window's micro-batches, grad norm] on the host: the one host sync."""
         loss = loss_sum / (steps * self.accum)
         if dist.is_initialized() and self.env.world_size > 1:
             dist.all_reduce(loss, op=dist.ReduceOp.SUM)
             loss = loss / self.env.world_size
-        values = torch.stack([loss.float(), grad_norm.to(loss.device).float()]).tolist()  # the one host sync
+        return torch.stack([loss.float(), grad_norm.to(loss.device).float()]).tolist()
+
+    def _log_train(self, step: int, values: list, steps: int, lr: float, window_s: float, elapsed_s: float) -> None:
         if not self.env.is_main:
             return
         tokens_per_s = self.tokens_per_step * steps / max(window_s, 1e-9)
@@ -167,7 +170,7 @@ class Trainer:
             "tokens_per_s_per_device": tokens_per_s / self.env.world_size,
             "mfu": (self.flops_per_token * tokens_per_s / (self.env.world_size * self.peak_flops))
             if self.peak_flops else None,
-            "peak_mem_gb": peak_memory_gb(self.env.device),
+            **self.peak_memory.read(),
             "tokens": self.state.tokens,
             "elapsed_s": elapsed_s,
             "world_size": self.env.world_size,

@@ -56,8 +56,11 @@ def run(run_dir: str | Path) -> int:
     # Before the rendezvous: a time-limit or preemption signal during a slow start must only set the flag.
     restore_signals = D.install_signal_handlers()
     D.clear_stop()
+    from launcher.train.strategies.fsdp import needs_cpu_collectives
+
     try:
-        env = D.setup(cluster)
+        # setup() applies it only when the device turns out to be a GPU.
+        env = D.setup(cluster, cpu_collectives=needs_cpu_collectives(cfg.strategy, "cuda"))
     except Exception as e:  # noqa: BLE001 - rendezvous timeout, no GPU for nccl, ...
         restore_signals()
         print(f"train: error: cannot start the process group: {e}", file=sys.stderr, flush=True)

@@ -23,7 +23,9 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, TextIO
+from typing import Any, Callable, Dict, Optional, TextIO, Tuple, TypeVar
+
+T = TypeVar("T")
 
 # Fallback when launcher.planning.devices is not importable (bf16 dense TFLOP/s per device as a rank sees it).
 _FALLBACK_PEAKS = {
@@ -73,14 +75,74 @@ def flops_per_token(params: Dict[str, int], *, num_layers: int, hidden_size: int
     return 4.0 * n + 2.0 * n_trainable_matmul + 12.0 * num_layers * hidden_size * seq_len
 
 
-def peak_memory_gb(device: Any) -> float:
-    """Peak memory of this rank: allocated GPU memory, or the process's peak resident set on CPU."""
-    import torch
+class StepWindow:
+    """The wall time of the optimizer steps since the last logged step, for tokens/s and MFU.
 
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    # ru_maxrss is in KiB on Linux.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    ``close(sync)`` runs ``sync`` (the log step's one host synchronisation) *before* reading the clock: on a GPU the
+    loop only queues work, so a clock read before the sync would leave the queued steps in no window and overstate
+    throughput. Time spent in evaluation and saves is added to ``excluded_s`` and left out.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.clock = clock
+        self.start = clock()
+        self.steps = 0
+        self.excluded_s = 0.0
+
+    def close(self, sync: Callable[[], T]) -> Tuple[T, int, float]:
+        """(what ``sync`` returned, steps in the window, seconds of the window); starts the next window."""
+        values = sync()
+        now = self.clock()
+        steps, seconds = self.steps, now - self.start - self.excluded_s
+        self.start, self.steps, self.excluded_s = now, 0, 0.0
+        return values, steps, seconds
+
+
+class PeakMemory:
+    """This rank's peak memory since ``reset()`` (the loop resets after the first step, so the load's peaks and
+    one-off start-up allocations are not reported as the training peak).
+
+    GPUs: ``peak_mem_gb`` = the allocator's peak of allocated tensors, ``peak_reserved_gb`` = its peak of reserved
+    memory (the cache included), which is closer to what runs out; NCCL/RCCL buffers are outside both.
+    CPU: the process's peak resident set (VmHWM), reset by writing 5 to /proc/self/clear_refs where Linux allows it.
+    """
+
+    def __init__(self, device: Any) -> None:
+        self.device = device
+
+    def reset(self) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as handle:
+                handle.write("5")
+        except OSError:
+            pass  # not Linux, or not permitted: the peak stays the process's
+
+    def read(self) -> Dict[str, float]:
+        import torch
+
+        if self.device.type == "cuda":
+            return {
+                "peak_mem_gb": torch.cuda.max_memory_allocated(self.device) / 1e9,
+                "peak_reserved_gb": torch.cuda.max_memory_reserved(self.device) / 1e9,
+            }
+        return {"peak_mem_gb": peak_rss_bytes() / 1e9}
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set of this process since start or the last reset (VmHWM), else ru_maxrss."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 class MetricsFile:

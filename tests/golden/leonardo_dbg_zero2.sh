@@ -36,7 +36,6 @@ echo "launcher: job ${SLURM_JOB_ID} attempt ${LAUNCHER_ATTEMPT} on ${SLURM_JOB_N
 echo "launcher: job ${SLURM_JOB_ID} attempt ${LAUNCHER_ATTEMPT} started $(date -Is) on ${SLURM_JOB_NODELIST}" >> "$LAUNCHER_RUN_DIR/logs/attempts.log"
 # --- cluster.env ---
 export NCCL_IB_TIMEOUT=23
-export CUDA_DEVICE_MAX_CONNECTIONS=1
 export OMP_NUM_THREADS=8
 export HF_HUB_OFFLINE=1
 export HF_DATASETS_OFFLINE=1
@@ -44,14 +43,15 @@ export TRANSFORMERS_OFFLINE=1
 export WANDB_MODE=offline
 # --- Leonardo Booster: Hugging Face caches on $WORK/$FAST, never $HOME (50 GB) ---
 export HF_HOME="${HF_HOME:-${WORK:-$HOME}/.cache/huggingface}"
-# DeepSpeed's JIT-built ops (e.g. CPU Adam for offload) go beside it, not into $HOME.
-export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-${HF_HOME%/huggingface}/torch_extensions}"
+# DeepSpeed's JIT-built ops (e.g. CPU Adam for offload) on node-local /tmp, one directory per job: a shared directory
+# has one lock for every rank of every node, and a build killed by a time limit leaves a stale lock that hangs later jobs.
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-/tmp/${USER:-$(whoami)}-torch-extensions-${SLURM_JOB_ID}}"
 # --- container: the job's environment goes in by name; values stay in the environment (launcher/container.py) ---
 for launcher_var in MASTER_ADDR MASTER_PORT LAUNCHER_RUN_DIR LAUNCHER_ATTEMPT LAUNCHER_MAX_REQUEUES \
      LAUNCHER_SIGNAL_LEAD_S HF_HOME HF_HUB_CACHE HF_DATASETS_CACHE TORCH_HOME TORCH_EXTENSIONS_DIR \
      TRITON_CACHE_DIR MIOPEN_USER_DB_PATH MIOPEN_CUSTOM_CACHE_DIR HF_HUB_OFFLINE HF_DATASETS_OFFLINE \
      TRANSFORMERS_OFFLINE WANDB_MODE HF_TOKEN WANDB_API_KEY NCCL_DEBUG NCCL_DEBUG_SUBSYS NCCL_IB_TIMEOUT \
-     CUDA_DEVICE_MAX_CONNECTIONS OMP_NUM_THREADS; do
+     OMP_NUM_THREADS; do
   if [ -n "${!launcher_var+x}" ]; then export "SINGULARITYENV_${launcher_var}=${!launcher_var}"; fi
 done
 unset launcher_var

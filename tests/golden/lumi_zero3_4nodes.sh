@@ -52,8 +52,9 @@ export MIOPEN_CUSTOM_CACHE_DIR="$MIOPEN_USER_DB_PATH"
 srun --ntasks="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 mkdir -p "$MIOPEN_USER_DB_PATH"
 # Hugging Face caches on scratch, never $HOME (20 GB). Bound into the container by cluster.container.binds.
 export HF_HOME="${HF_HOME:-/scratch/${SLURM_JOB_ACCOUNT}/${USER:-$(whoami)}/.cache/huggingface}"
-# DeepSpeed's JIT-built ops (e.g. CPU Adam for offload) go beside it, not into $HOME.
-export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-${HF_HOME%/huggingface}/torch_extensions}"
+# DeepSpeed's JIT-built ops (e.g. CPU Adam for offload) on node-local /tmp, one directory per job: a shared directory
+# has one lock for every rank of every node, and a build killed by a time limit leaves a stale lock that hangs later jobs.
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-/tmp/${USER:-$(whoami)}-torch-extensions-${SLURM_JOB_ID}}"
 # --- container: the job's environment goes in by name; values stay in the environment (launcher/container.py) ---
 for launcher_var in MASTER_ADDR MASTER_PORT LAUNCHER_RUN_DIR LAUNCHER_ATTEMPT LAUNCHER_MAX_REQUEUES \
      LAUNCHER_SIGNAL_LEAD_S HF_HOME HF_HUB_CACHE HF_DATASETS_CACHE TORCH_HOME TORCH_EXTENSIONS_DIR \

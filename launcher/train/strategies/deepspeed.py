@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -26,7 +27,9 @@ from launcher.train.strategies.base import Strategy, StrategyUnavailable, build_
 from launcher.train.schedule import build_scheduler
 
 TAG = "deepspeed"
-MIN_VERSION = (0, 14)
+# LoRA + zero3 + non-reentrant gradient checkpointing fails before 0.19.3 (transformers #47254, deepspeed PR #8148);
+# pyproject's train extra has the same floor (tests/test_train_units.py checks that they agree).
+MIN_VERSION = (0, 19, 3)
 
 
 def deepspeed_config(cfg: Any, *, world_size: int, precision: str, device_type: str) -> Dict[str, Any]:
@@ -53,10 +56,28 @@ def deepspeed_config(cfg: Any, *, world_size: int, precision: str, device_type: 
         # A torch optimizer with CPU offload is allowed (on CPU there is nothing faster to use).
         "zero_force_ds_cpu_optimizer": False,
         "bf16": {"enabled": precision == "bf16"},
+        # Accumulate (and hold) gradients in fp32 like DDP and FSDP do, not in bf16: the strategies stay comparable
+        # and many accumulation steps lose no precision. Reductions keep DeepSpeed's default dtype.
+        "data_types": {"grad_accum_dtype": "fp32"},
         "fp16": {"enabled": False},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+
+
+def parse_version(text: str) -> Tuple[int, ...]:
+    """``0.19.3+abc`` -> (0, 19, 3), ``0.20.0rc1`` -> (0, 20, 0): the leading digits of each release part."""
+    parts = []
+    for piece in text.split("+")[0].split(".")[:3]:
+        match = re.match(r"\d+", piece)
+        if match is None:
+            break
+        parts.append(int(match.group(0)))
+    return tuple(parts)
+
+
+def _version_text(version: Tuple[int, ...]) -> str:
+    return ".".join(map(str, version))
 
 
 class DeepSpeedStrategy(Strategy):
@@ -68,13 +89,15 @@ class DeepSpeedStrategy(Strategy):
         version = package_version("deepspeed")
         if version is None:
             raise StrategyUnavailable(
-                "strategy=zero1/zero2/zero3 needs deepspeed, which is not installed: pip install 'deepspeed>=0.14' "
+                f"strategy=zero1/zero2/zero3 needs deepspeed, which is not installed: pip install "
+                f"'deepspeed>={_version_text(MIN_VERSION)}' "
                 "(or use strategy=fsdp, which shards like ZeRO-3 with PyTorch alone)"
             )
-        parsed = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
-        if parsed < MIN_VERSION:
-            wanted = ".".join(map(str, MIN_VERSION))
-            raise StrategyUnavailable(f"strategy=zero* needs deepspeed>={wanted}, found {version}")
+        if parse_version(version) < MIN_VERSION:
+            raise StrategyUnavailable(
+                f"strategy=zero* needs deepspeed>={_version_text(MIN_VERSION)}, found {version} (LoRA + zero3 + "
+                "gradient checkpointing fails before 0.19.3)"
+            )
         try:
             import deepspeed  # noqa: F401
         except Exception as e:  # a broken install (e.g. no compiler for its accelerator probe)

@@ -4,7 +4,12 @@
 - bf16: ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``, fp32 sharded master weights.
 - ``offload_params`` / ``offload_optimizer`` (GPUs): ``CPUOffloadPolicy`` (parameters, gradients and the optimizer
   step on CPU).
-- Gradient accumulation: gradient sync (reduce-scatter) only on the last micro-batch.
+- Gradient accumulation: gradients are reduce-scattered after every micro-batch, so each rank only ever holds its
+  shard. Skipping the sync until the last micro-batch (``set_requires_gradient_sync(False)``) would keep unsharded
+  fp32 gradients, 4 bytes per parameter on every GPU whatever the world size (+32 GB for Llama-8B), for a saving of
+  one reduce-scatter per micro-batch that overlaps with backward anyway (measured in docs/training.md).
+- CPU offload on GPUs: the gradient norm is reduced over CPU DTensors, so the process group gets gloo for CPU tensors
+  beside NCCL (``needs_cpu_collectives``; see launcher.train.distributed.process_group_backend).
 - Checkpoints: torch.distributed.checkpoint, sharded; a different world size reshards on load.
 - Export: ``get_model_state_dict(full_state_dict=True, cpu_offload=True)`` onto rank 0.
 FSDP1 is not used: its full-state-dict CPU offload crashes on CPU (see shared/reference/stack-on-cpu.md).
@@ -45,6 +50,12 @@ def decoder_layers(model: torch.nn.Module) -> List[torch.nn.Module]:
     return layers
 
 
+def needs_cpu_collectives(strategy_cfg: Any, device_type: str) -> bool:
+    """FSDP2 with CPU offload on GPUs: gradients live on the host and their norm is reduced there."""
+    offload = bool(strategy_cfg.offload_params or strategy_cfg.offload_optimizer)
+    return strategy_cfg.name == "fsdp" and offload and device_type == "cuda"
+
+
 class FSDPStrategy(dcp.TorchNativeStrategy):
     name = "fsdp"
     supports_resharding = True
@@ -67,8 +78,7 @@ class FSDPStrategy(dcp.TorchNativeStrategy):
         kwargs: Dict[str, Any] = {"mesh": mesh}
         if self.precision == "bf16":
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        offload = self.cfg.strategy.offload_params or self.cfg.strategy.offload_optimizer
-        if offload and self.env.device.type == "cuda":
+        if needs_cpu_collectives(self.cfg.strategy, self.env.device.type):
             kwargs["offload_policy"] = CPUOffloadPolicy()
         # No model.to(device): fully_shard moves each layer's states to the mesh device as it shards them, so the
         # whole unsharded model never sits on one GPU.
@@ -85,7 +95,6 @@ class FSDPStrategy(dcp.TorchNativeStrategy):
         return contextlib.nullcontext()  # the mixed-precision policy casts
 
     def forward_backward(self, batch: Dict[str, torch.Tensor], *, last: bool) -> torch.Tensor:
-        self.model.set_requires_gradient_sync(last)
         loss = self.model(**move_batch(batch, self.env.device)).loss
         (loss / self.grad_accum).backward()
         return loss.detach().float()
