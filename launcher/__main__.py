@@ -16,13 +16,13 @@ from omegaconf import DictConfig
 from launcher.config import check_overrides, compose, setup_hydra
 from launcher.config.schema import as_container
 from launcher.errors import ConfigError
-from launcher.jobplan import JobPlan, make_plan, run_dir_of
+from launcher.plan.job import JobPlan, make_plan, run_dir_of
 from launcher.paths import CONF_DIR
-from launcher.render import render_script
+from launcher.slurm.render import render_script
 from launcher.rundir import write_config, write_script
-from launcher.save_budget import save_budget_warning
+from launcher.plan.save_budget import save_budget_warning
 from launcher.summary import cluster_summary, local_summary
-from launcher.validation import apply_global_batch, validate
+from launcher.config.validation import apply_global_batch, validate
 
 
 @dataclass(frozen=True)
@@ -51,8 +51,8 @@ def _launch_cluster(cfg: Mapping[str, Any]) -> LaunchResult:
     if cfg["dry_run"]:
         _print_dry_run(cfg, plan, script)
         return LaunchResult(0, str(plan.run_dir), "dry run")
-    from launcher.memory_check import check_fits
-    from launcher.submit import check_no_active_job, check_slurm_available, submit
+    from launcher.plan.fit import check_fits
+    from launcher.slurm.submit import check_no_active_job, check_slurm_available, submit
 
     check_slurm_available()
     check_fits(cfg, plan.world_size)
@@ -77,8 +77,8 @@ def _home_warning(cfg: Mapping[str, Any], plan: JobPlan) -> Optional[str]:
 
 
 def _print_dry_run(cfg: Mapping[str, Any], plan: JobPlan, script: str) -> None:
-    from launcher.budget import estimate_budget
-    from launcher.memory_check import memory_report
+    from launcher.plan.budget import estimate_budget
+    from launcher.plan.fit import memory_report
 
     path = write_script(plan.run_dir, script)
     print(f"launcher: dry run, nothing submitted\n{cluster_summary(cfg, plan)}\n  script      {path}\n")
@@ -121,7 +121,7 @@ def _sweep_point(cfg: Dict[str, Any]) -> Dict[str, Any]:
 
     if not HydraConfig.initialized() or str(HydraConfig.get().mode) != "RunMode.MULTIRUN":
         return cfg
-    from launcher.sweep import name_sweep_point
+    from launcher.config.sweep import name_sweep_point
 
     return name_sweep_point(cfg, sys.argv[1:], list(HydraConfig.get().overrides.task))
 

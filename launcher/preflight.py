@@ -10,7 +10,8 @@ What it does (docs/preflight.md has sample output and what to do about each find
 1. each rank collects a record (``collect_record``): host, ranks, torch device, visible-device variables and what
    torch sees (count, name, PCI bus id / UUID), CPU affinity as a range string, NUMA nodes of its CPUs and of its
    GPU, and the communication-related environment (never a variable whose name looks like a secret);
-   ``all_gather_object`` gives every rank every record;
+   ``all_gather_object`` gives every rank every record; on GPUs the record also holds the attention probe
+   (``launcher.train.attention_probe``: do the flash / memory-efficient SDPA kernels the memory plan assumed run here);
 2. rank 0 checks the records (pure functions, unit-tested on fabricated records): a required GPU that a rank does
    not see, two ranks of one host on one physical GPU, overlapping CPU sets or fewer CPUs than
    ``cluster.cpus_per_task``; it broadcasts the verdict, and on failure every rank raises ``PreflightError``
@@ -84,7 +85,7 @@ class PreflightError(RuntimeError):
 @dataclass
 class Finding:
     level: str  # "fail" | "warn" | "info"
-    check: str  # device | gpu_sharing | cpu_binding | numa | allreduce | bandwidth | transport | world
+    check: str  # device | gpu_sharing | cpu_binding | numa | allreduce | bandwidth | transport | world | attention
     message: str
     ranks: List[int] = field(default_factory=list)
     hint: str = ""
@@ -910,14 +911,25 @@ def run_preflight(
                 record = {"rank": int(rank), "local_rank": int(local_rank), "host": socket.gethostname(),
                           "device": str(device), "device_type": getattr(device, "type", str(device)),
                           "record_error": f"{type(e).__name__}: {e}"}
+            if getattr(device, "type", None) == "cuda":  # the attention kernels the memory plan assumed (never raises)
+                from launcher.train.attention_probe import probe_attention
+
+                watchdog.stage = "attention probe"
+                probe = probe_attention(device, _cfg_get(cfg, "model"))
+                record["attention"] = probe.to_dict() if probe else None
             watchdog.stage = "all_gather_object of the records (first collective)"
             records = gather(record)
             watchdog.stage = "broadcast of the device checks"
             phase1: Dict[str, Any] = {}
             if is_decider:
-                phase1 = {"findings": [asdict(f) for f in check_records(
-                    records, world_size=world_size, require_device=bool(require_device),
-                    device_name=cluster_device, cpus_per_task=cpus_per_task)]}
+                found = check_records(records, world_size=world_size, require_device=bool(require_device),
+                                      device_name=cluster_device, cpus_per_task=cpus_per_task)
+                if any(r.get("attention") for r in records):
+                    from launcher.train.attention_probe import planner_assumes_flash, record_findings
+
+                    found += [Finding(**f) for f in record_findings(
+                        records, planner_assumes_flash=planner_assumes_flash(cluster_device))]
+                phase1 = {"findings": [asdict(f) for f in found]}
             phase1 = broadcast(phase1)
             findings = [Finding(**f) for f in phase1["findings"]]
             if not decide(findings):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from launcher.jobplan import JobPlan
+from launcher.plan.job import JobPlan
 
 UNIT_NAMES = {"gpu_hours": "GPU-hours", "node_hours": "node-hours", "core_hours": "core-hours"}
 
@@ -20,7 +20,15 @@ def cluster_summary(cfg: Mapping[str, Any], plan: JobPlan) -> str:
         ("walltime", plan.walltime),
         ("cost", f"{plan.billing_units:,.1f} {UNIT_NAMES[plan.billing_unit]} for the requested walltime"),
     ]
-    return _table(rows + _training_rows(cfg) + [("run dir", str(plan.run_dir))])
+    attention = [("attention", planned_attention(cfg))]
+    return _table(rows + _training_rows(cfg) + attention + [("run dir", str(plan.run_dir))])
+
+
+def planned_attention(cfg: Mapping[str, Any]) -> str:
+    """The attention the memory plan counted (``launcher.plan.fit.strategy_fits``: flash on every GPU device)."""
+    if ((cfg["cluster"] or {}).get("device") or "cpu") != "cpu":
+        return "flash (assumed by the memory plan; the preflight checks it on the GPUs)"
+    return "eager/sdpa math (CPU: the memory plan counts the a*s^2 attention scores)"
 
 
 def local_summary(cfg: Mapping[str, Any], nproc: int, run_dir: str) -> str:

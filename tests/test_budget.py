@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from launcher.budget import estimate_budget, flops_per_token
-from launcher.jobplan import make_plan
-from launcher.memory_check import model_shape
+from launcher.plan.budget import estimate_budget, flops_per_token
+from launcher.plan.job import make_plan
+from launcher.plan.fit import model_shape
 from login_helpers import LEONARDO_ACCOUNT, LUMI_ACCOUNT, config, run_launcher
 
 

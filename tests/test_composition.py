@@ -6,9 +6,9 @@ import pytest
 from hydra.errors import ConfigCompositionException
 
 from launcher.config.schema import STRATEGIES
-from launcher.jobplan import make_plan
-from launcher.render import render_script
-from launcher.validation import validate
+from launcher.plan.job import make_plan
+from launcher.slurm.render import render_script
+from launcher.config.validation import validate
 from login_helpers import LEONARDO_ACCOUNT, LUMI_ACCOUNT, config
 
 CLUSTERS = {"lumi": [LUMI_ACCOUNT], "leonardo": [LEONARDO_ACCOUNT], "local_slurm": [], None: []}
@@ -55,7 +55,7 @@ def test_schema_rejects_misspelled_keys_and_wrong_types(override, key):
 
 def test_keys_added_with_plus_are_checked_against_the_schema():
     from launcher.errors import ConfigError
-    from launcher.validation import validate
+    from launcher.config.validation import validate
 
     with pytest.raises(ConfigError) as error:
         validate(config(["+train.max_stepz=3"]))

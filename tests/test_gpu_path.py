@@ -16,7 +16,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from launcher.planning.memory import estimate_memory  # noqa: E402
+from launcher.plan.memory import estimate_memory  # noqa: E402
 from launcher.train import distributed as D  # noqa: E402
 from launcher.train.metrics import StepWindow  # noqa: E402
 from login_helpers import LEONARDO_ACCOUNT, REPO, config  # noqa: E402

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from launcher.errors import ConfigError
-from launcher.jobplan import make_plan
-from launcher.memory_check import check_fits, memory_report
+from launcher.plan.job import make_plan
+from launcher.plan.fit import check_fits, memory_report
 from login_helpers import LEONARDO_ACCOUNT, LUMI_ACCOUNT, config, run_launcher
 
 GOLDEN = Path(__file__).parent / "golden"

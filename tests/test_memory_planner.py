@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.planning import (
+from launcher.plan import (
     DEVICES,
     STRATEGIES,
     ModelShape,
@@ -23,7 +23,7 @@ from launcher.planning import (
     plan_strategies,
     recommend,
 )
-from launcher.planning.memory import activation_bytes, layer_activation_bytes
+from launcher.plan.memory import activation_bytes, layer_activation_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 GB = 10**9
@@ -384,5 +384,5 @@ def test_format_strategy_table() -> None:
 
 def test_planning_imports_no_heavy_packages() -> None:
     heavy = ["torch", "transformers", "deepspeed", "accelerate", "peft", "datasets"]
-    code = f"import launcher.planning, sys; bad = [m for m in {heavy!r} if m in sys.modules]; assert not bad, bad"
+    code = f"import launcher.plan, sys; bad = [m for m in {heavy!r} if m in sys.modules]; assert not bad, bad"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)

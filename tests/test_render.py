@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-import launcher.render
-from launcher.jobplan import make_plan
-from launcher.render import render_script
-from launcher.validation import validate
+import launcher.slurm.render
+from launcher.plan.job import make_plan
+from launcher.slurm.render import render_script
+from launcher.config.validation import validate
 from login_helpers import assert_matches_golden, LEONARDO_ACCOUNT, LUMI_ACCOUNT, config
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -34,7 +34,7 @@ CASES = {
 @pytest.fixture(autouse=True)
 def fixed_code_dir(monkeypatch):
     # The checkout's location differs between machines; the golden files use a fixed one.
-    monkeypatch.setattr(launcher.render, "code_dir", lambda: Path("/opt/launcher-src"))
+    monkeypatch.setattr(launcher.slurm.render, "code_dir", lambda: Path("/opt/launcher-src"))
 
 
 def rendered(overrides):

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from launcher.jobplan import make_plan
-from launcher.render import render_script
-from launcher.validation import validate
+from launcher.plan.job import make_plan
+from launcher.slurm.render import render_script
+from launcher.config.validation import validate
 from login_helpers import LUMI_ACCOUNT, config, run_launcher
 
 HOSTILE = [

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from launcher.jobplan import make_plan
-from launcher.save_budget import estimated_save_s, save_budget_warning
+from launcher.plan.job import make_plan
+from launcher.plan.save_budget import estimated_save_s, save_budget_warning
 from login_helpers import LEONARDO_ACCOUNT, config, run_launcher
 
 EIGHT_B = ["+cluster=leonardo", LEONARDO_ACCOUNT, "model=llama-8b", "strategy=zero3"]

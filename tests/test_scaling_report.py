@@ -65,7 +65,7 @@ def test_node_hours_per_billion_tokens():
 
 
 def test_lumi_billing_matches_the_launchers_cost():
-    from launcher.jobplan import billing_units
+    from launcher.plan.job import billing_units
 
     cluster = config(["+cluster=lumi", LUMI_ACCOUNT])["cluster"]
     assert m.billing_rate_per_node_hour(cluster) == 4.0  # standard-g: 4 GPU-hours per node-hour
@@ -83,7 +83,7 @@ def test_lumi_billing_matches_the_launchers_cost():
 
 
 def test_leonardo_billing_is_node_hours():
-    from launcher.jobplan import billing_units
+    from launcher.plan.job import billing_units
 
     cluster = config(["+cluster=leonardo", LEONARDO_ACCOUNT])["cluster"]
     assert cluster["billing_unit"] == "node_hours"
@@ -292,7 +292,7 @@ def test_failure_reasons(tmp_path):
     assert failure_reason(run).startswith("NCCL error:")
     run = _run_with_log(tmp_path / "d", "all good so far\n")
     assert failure_reason(run) is None
-    # rank 0's per-attempt logs (launcher.job): the newest attempt speaks
+    # rank 0's per-attempt logs (launcher.slurm.task): the newest attempt speaks
     (run / "logs").mkdir()
     (run / "logs" / "attempt-1.log").write_text("RuntimeError: CUDA out of memory\n")
     (run / "logs" / "attempt-2.log").write_text("Traceback (most recent call last):\n  File \"x\"\nKeyError: 'x'\n")

@@ -20,7 +20,7 @@ from typing import Dict, List
 
 import pytest
 
-from launcher.slurm_query import job_states
+from launcher.slurm.query import job_states
 from login_helpers import REPO, run_launcher
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]

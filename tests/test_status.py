@@ -1,4 +1,4 @@
-"""launcher.status and launcher.slurm_query: parsers on recorded Slurm 22.05 output, run directories, the table, logs,
+"""launcher.status and launcher.slurm.query: parsers on recorded Slurm 22.05 output, run directories, the table, logs,
 cancel, and (marked slurm) a real job submitted to the local Slurm."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence
 
 import pytest
 
-from launcher import slurm_query as sq
+from launcher.slurm import query as sq
 from launcher import status as st
 
 REPO = Path(__file__).resolve().parents[1]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from launcher.sweep import name_sweep_point, point_suffix, swept_keys
+from launcher.config.sweep import name_sweep_point, point_suffix, swept_keys
 from login_helpers import LUMI_ACCOUNT, run_launcher
 
 

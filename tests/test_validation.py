@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 
 from launcher.errors import ConfigError
-from launcher.jobplan import make_plan
-from launcher.slurm_time import format_time, parse_time
-from launcher.validation import validate
+from launcher.plan.job import make_plan
+from launcher.plan.slurm_time import format_time, parse_time
+from launcher.config.validation import validate
 from login_helpers import LEONARDO_ACCOUNT, LUMI_ACCOUNT, config
 
 
 def error_for(overrides):
-    from launcher.memory_check import check_fits
+    from launcher.plan.fit import check_fits
 
     with pytest.raises(ConfigError) as caught:
         cfg = config(overrides)
@@ -114,7 +114,7 @@ def test_world_size_is_nodes_times_tasks():
 
 
 def test_global_batch_size_derives_grad_accum_per_world_size():
-    from launcher.validation import apply_global_batch
+    from launcher.config.validation import apply_global_batch
 
     base = ["+cluster=lumi", LUMI_ACCOUNT, "train.micro_batch_size=2", "train.global_batch_size=64"]
     for nodes, accum in ((1, 4), (2, 2), (4, 1)):

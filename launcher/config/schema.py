@@ -2,7 +2,7 @@
 
 Registered with Hydra's ConfigStore as ``base_config``; ``conf/config.yaml`` lists it first in its defaults,
 so every YAML value is type-checked and a misspelled key fails at composition with the key's full name.
-Value checks that need more than a type (allowed names, limits) live in ``launcher.validation``.
+Value checks that need more than a type (allowed names, limits) live in ``launcher.config.validation``.
 
 This module is imported on the login node: stdlib and omegaconf only.
 """
@@ -59,7 +59,7 @@ class ClusterConfig:
     partitions: Dict[str, PartitionLimits] = field(default_factory=dict)
     qos_limits: Dict[str, PartitionLimits] = field(default_factory=dict)
     # Hardware of one node.
-    device: str = "cpu"  # a key of launcher.planning.devices.DEVICES
+    device: str = "cpu"  # a key of launcher.plan.devices.DEVICES
     gpus_per_node: int = 0
     cpus_per_node: int = 1
     # What the job asks for.

@@ -12,9 +12,9 @@ Conventions, stated once:
   the convention of ``launcher.train.metrics.flops_per_token`` for full training, so the report's MFU and the one the
   job logs agree.
 - MFU is a fraction (0.42 means 42 %) against the device's dense bf16 peak
-  (``launcher.planning.devices.DEVICES[...].peak_bf16_tflops``: A100 312, MI250X GCD 191.5 TFLOP/s).
+  (``launcher.plan.devices.DEVICES[...].peak_bf16_tflops``: A100 312, MI250X GCD 191.5 TFLOP/s).
 - Billing: ``billing_rate_per_node_hour`` gives the units one node costs per hour, with the rule of
-  ``launcher.jobplan.billing_units`` (a partition's ``billing_per_node_hour`` first, e.g. LUMI standard-g = 4
+  ``launcher.plan.job.billing_units`` (a partition's ``billing_per_node_hour`` first, e.g. LUMI standard-g = 4
   GPU-hours per node-hour; else by ``billing_unit``).
 """
 
@@ -216,13 +216,13 @@ def node_hours_per_billion_tokens(tokens_per_s: float, nodes: float) -> float:
 def billing_rate_per_node_hour(cluster: Optional[Mapping[str, Any]]) -> Optional[float]:
     """Billing units one node costs per hour, in the cluster's ``billing_unit``; None for a local run.
 
-    The launcher's own rule (``launcher.jobplan.billing_units``) for one node and one hour: the partition's
+    The launcher's own rule (``launcher.plan.job.billing_units``) for one node and one hour: the partition's
     ``billing_per_node_hour`` (LUMI standard-g: 4 GPU-hours), else LUMI's GPU-hour rule (whole node when exclusive),
     core-hours, or node-hours (Leonardo: 1).
     """
     if not cluster:
         return None
-    from launcher.jobplan import billing_units
+    from launcher.plan.job import billing_units
 
     return float(billing_units(cluster, 1, 3600))
 

@@ -10,7 +10,7 @@ logged step is below ``train.max_steps`` and there is no ``export/``), or when n
 The reason comes from the tail of the newest job's logs (first known pattern that matches: out of memory, time limit,
 cancelled, the last line of a Python traceback, NCCL error), else a description of what is missing.
 
-Login-node code: stdlib, PyYAML (an omegaconf dependency) and ``launcher.planning``; matplotlib only in ``plots``.
+Login-node code: stdlib, PyYAML (an omegaconf dependency) and ``launcher.plan``; matplotlib only in ``plots``.
 """
 
 from __future__ import annotations
@@ -172,7 +172,7 @@ _ATTEMPT_LOG = re.compile(r"^attempt-(\d+)\.log$")
 
 def latest_logs(run_dir: Path) -> List[Path]:
     """Logs of the newest job: submitit's ``slurm/<jobid>_<task>_log.{out,err}`` (task 0 first, .out before .err;
-    an array job's id is ``<arrayid>_<index>``), then rank 0's newest ``logs/attempt-<N>.log`` (launcher.job)."""
+    an array job's id is ``<arrayid>_<index>``), then rank 0's newest ``logs/attempt-<N>.log`` (launcher.slurm.task)."""
     run_dir = Path(run_dir)
     found: List[Path] = []
     folder = run_dir / "slurm"
@@ -234,8 +234,8 @@ def _clip(text: str) -> str:
 def _model_numbers(model: Mapping[str, Any], seq_len: Optional[int]) -> Tuple[Optional[int], Optional[float]]:
     """(all parameters, 6N + 12LHS FLOPs per token) of a Llama-style model built from the config numbers."""
     try:
-        from launcher.budget import flops_per_token
-        from launcher.memory_check import model_shape
+        from launcher.plan.budget import flops_per_token
+        from launcher.plan.fit import model_shape
 
         shape = model_shape(model)
         return shape.n_params(), flops_per_token(shape, int(seq_len)) if seq_len else None
@@ -245,7 +245,7 @@ def _model_numbers(model: Mapping[str, Any], seq_len: Optional[int]) -> Tuple[Op
 
 def _device_description(device: Optional[str]) -> str:
     try:
-        from launcher.planning.devices import DEVICES
+        from launcher.plan.devices import DEVICES
 
         return DEVICES[device].description or device if device in DEVICES else (device or "")
     except Exception:
@@ -256,7 +256,7 @@ def _peak_tflops(device: Optional[str]) -> Optional[float]:
     if not device:
         return None
     try:
-        from launcher.planning.devices import DEVICES
+        from launcher.plan.devices import DEVICES
 
         return float(DEVICES[device].peak_bf16_tflops) if device in DEVICES else None
     except Exception:

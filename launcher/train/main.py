@@ -4,7 +4,7 @@ Launch commands (each process calls ``run``; see docs/training.md):
 
     local, N processes:  python -m torch.distributed.run --standalone --nproc_per_node N -m launcher.train RUN_DIR
     one process:         python -m launcher.train RUN_DIR
-    Slurm (srun, one task per device): each task calls launcher.train.main.run(RUN_DIR) (launcher/job.py via submitit)
+    Slurm (srun, one task per device): each task calls launcher.train.main.run(RUN_DIR) (launcher/slurm/task.py via submitit)
 
 Exit codes: 0 trained (or already trained) and exported; 2 bad input (config, data, model: the message says which key);
 3 a stop signal (SIGTERM/SIGUSR2) or ``request_stop()`` arrived, every rank saved a checkpoint: requeue and run the same

@@ -11,7 +11,7 @@ estimate (Kaplan et al.; PaLM appendix B), counting matmuls only and not the rec
 with N the parameters that take part in matmuls: every parameter except the input embedding table (a lookup), unless
 it is tied to the output head. Full training gives the familiar ``6N + 12 L H S``.
 
-The peak is the device's dense bf16 rate (``launcher.planning.devices.DEVICES[cluster.device].peak_bf16_tflops``:
+The peak is the device's dense bf16 rate (``launcher.plan.devices.DEVICES[cluster.device].peak_bf16_tflops``:
 A100 312, MI250X GCD 191.5, H100 989 TFLOP/s); an fp32 run is measured against the same bf16 peak.
 """
 
@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, Optional, TextIO, Tuple, TypeVar
 
 T = TypeVar("T")
 
-# Fallback when launcher.planning.devices is not importable (bf16 dense TFLOP/s per device as a rank sees it).
+# Fallback when launcher.plan.devices is not importable (bf16 dense TFLOP/s per device as a rank sees it).
 _FALLBACK_PEAKS = {
     "a100_64gb": 312.0, "a100": 312.0, "mi250x_gcd": 191.5, "h100_80gb": 989.0, "h100": 989.0, "cpu": 1.0,
 }
@@ -36,7 +36,7 @@ _FALLBACK_PEAKS = {
 def device_peak_tflops(name: Optional[str]) -> Optional[float]:
     name = name or "cpu"
     try:
-        from launcher.planning.devices import DEVICES
+        from launcher.plan.devices import DEVICES
 
         if name in DEVICES:
             return float(DEVICES[name].peak_bf16_tflops)

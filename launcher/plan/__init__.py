@@ -1,7 +1,7 @@
 """Login-node planning: device facts and per-device memory estimates. Stdlib only (no torch)."""
 
-from launcher.planning.devices import DEVICES, Device, get_device
-from launcher.planning.memory import (
+from launcher.plan.devices import DEVICES, Device, get_device
+from launcher.plan.memory import (
     STRATEGIES,
     MemoryEstimate,
     ModelShape,

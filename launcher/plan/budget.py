@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-from launcher.jobplan import JobPlan, billing_units
-from launcher.memory_check import model_shape
-from launcher.planning import ModelShape, get_device
+from launcher.plan.job import JobPlan, billing_units
+from launcher.plan.fit import model_shape
+from launcher.plan import ModelShape, get_device
 from launcher.scaling.metrics import model_flops_per_token
 from launcher.summary import UNIT_NAMES
 

@@ -16,7 +16,7 @@ import typing
 
 from launcher.config.schema import DATA_FORMATS, PEFT_METHODS, STRATEGIES, LauncherConfig
 from launcher.errors import ConfigError
-from launcher.slurm_time import format_time, parse_time
+from launcher.plan.slurm_time import format_time, parse_time
 
 ZERO_STAGE = {"ddp": 0, "fsdp": 0, "zero1": 1, "zero2": 2, "zero3": 3}
 BILLING_UNITS = ("gpu_hours", "node_hours", "core_hours")

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from launcher.errors import ConfigError
-from launcher.jobplan import JobPlan
-from launcher.render import python_command, submitit_parameters
+from launcher.plan.job import JobPlan
+from launcher.slurm.render import python_command, submitit_parameters
 
 
 def check_slurm_available() -> None:
@@ -21,7 +21,7 @@ def check_slurm_available() -> None:
 
 def check_no_active_job(run_dir: Path, run_name: str) -> None:
     """Two job chains on one run directory would fight over its checkpoints (and pay twice): refuse the second."""
-    from launcher.slurm_query import job_states
+    from launcher.slurm.query import job_states
     from launcher.status import job_ids_of
 
     if not (run_dir / "slurm").is_dir():
@@ -42,7 +42,7 @@ def submit(cfg: Mapping[str, Any], plan: JobPlan) -> Any:
     check_slurm_available()
     import submitit
 
-    from launcher.job import train_task
+    from launcher.slurm.task import train_task
 
     cluster = cfg["cluster"]
     # Requeue is ours (slurm_templates/common_teardown.sh); submitit's own counter must never refuse it first.

@@ -5,7 +5,7 @@
     python -m launcher.status cancel RUN_DIR [--job ID]
 
 Login node only: standard library (plus PyYAML, which omegaconf brings, to read config.yaml), no training stack.
-Slurm is asked once for every run together (launcher.slurm_query); the rest comes from the run directories:
+Slurm is asked once for every run together (launcher.slurm.query); the rest comes from the run directories:
 
     config.yaml            cluster.name, run_name, train.max_steps
     slurm/                 submitit's folder: <jobid>_submitted.pkl, <jobid>_submission.sh, <jobid>_<task>_log.out
@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, IO, List, Optional, Sequence, Tuple
 
-from launcher import slurm_query as sq
+from launcher.slurm import query as sq
 
 DEFAULT_DIR = "./runs"
 CONFIG_FILE = "config.yaml"
@@ -620,6 +620,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except BrokenPipeError:  # piped into head
         return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -6,8 +6,8 @@ from types import SimpleNamespace
 from typing import Any, List, Mapping, Tuple
 
 from launcher.errors import ConfigError
-from launcher.planning import ModelShape, StrategyFit, format_strategy_table, get_device, plan_strategies
-from launcher.planning.devices import Device
+from launcher.plan import ModelShape, StrategyFit, format_strategy_table, get_device, plan_strategies
+from launcher.plan.devices import Device
 
 
 def strategy_fits(cfg: Mapping[str, Any], world_size: int) -> Tuple[List[StrategyFit], Device]:

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping
 
 from launcher import container as containers
-from launcher.jobplan import JobPlan, job_name
-from launcher.validation import gpus_requested
+from launcher.plan.job import JobPlan, job_name
+from launcher.config.validation import gpus_requested
 from launcher.paths import PACKAGE_DIR, TEMPLATES_DIR
 
 

@@ -546,6 +546,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"launcher: {err}", file=sys.stderr)
         return 2
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from launcher.jobplan import JobPlan
-from launcher.memory_check import model_shape
+from launcher.plan.job import JobPlan
+from launcher.plan.fit import model_shape
 
 ASSUMED_WRITE_GBPS_PER_NODE = 1.0  # what one Lustre client sustains for large files, conservatively
 SAFETY = 1.5  # the lead must cover a save 1.5 times over (a step may still be in flight)

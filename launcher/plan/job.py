@@ -1,6 +1,6 @@
 """From a validated config to a frozen job plan: what the job asks Slurm for and what it costs.
 
-Pure functions: no Slurm, no files. ``launcher.render`` turns a plan into the batch script.
+Pure functions: no Slurm, no files. ``launcher.slurm.render`` turns a plan into the batch script.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from launcher.slurm_time import format_time, parse_time
-from launcher.validation import gpus_requested, tasks_per_node
+from launcher.plan.slurm_time import format_time, parse_time
+from launcher.config.validation import gpus_requested, tasks_per_node
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ def billing_units(cluster: Mapping[str, Any], nodes: int, walltime_s: int) -> fl
 
 
 def make_plan(cfg: Mapping[str, Any]) -> JobPlan:
-    """The plan of a cluster job (cfg must have passed launcher.validation.validate)."""
+    """The plan of a cluster job (cfg must have passed launcher.config.validation.validate)."""
     cluster = cfg["cluster"]
     nodes = cfg["nodes"]
     walltime_s = parse_time(cluster["time"])

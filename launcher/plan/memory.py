@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
-from launcher.planning.devices import GIB, Device
+from launcher.plan.devices import GIB, Device
 
 # Ordered by communication volume per step, least first: the order in which ``recommend`` tries them.
 # zero3 and fsdp shard the same states and need the same memory here; zero3 comes first so that moving up

@@ -1,0 +1,7 @@
+"""python -m launcher.container"""
+
+import sys
+
+from launcher.container import main
+
+sys.exit(main())

@@ -1,0 +1,7 @@
+"""python -m launcher.status"""
+
+import sys
+
+from launcher.status import main
+
+sys.exit(main())
