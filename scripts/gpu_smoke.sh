@@ -21,7 +21,7 @@ STRATEGIES=()
 for arg in "$@"; do
     case "$arg" in
         --dry) DRY=1 ;;
-        -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         ddp|zero1|zero2|zero3|fsdp) STRATEGIES+=("$arg") ;;
         *) echo "gpu_smoke: unknown argument '$arg' (strategies: ddp zero1 zero2 zero3 fsdp; or --dry)" >&2; exit 2 ;;
     esac
@@ -30,7 +30,11 @@ done
 
 if [ -z "${PYTHON:-}" ]; then
     if [ -n "${VIRTUAL_ENV:-}" ]; then PYTHON=python
-    elif [ -x "$REPO/.venv/bin/python" ]; then PYTHON="$REPO/.venv/bin/python"
+    elif [ -x "$REPO/.venv/bin/python" ]; then
+        PYTHON="$REPO/.venv/bin/python"
+        # As activation does: DeepSpeed's JIT build runs the first ninja on PATH, and a different ninja than the one
+        # the cached op was built with (the tests run activated) rebuilds it, 30 s or more, every time.
+        PATH="$REPO/.venv/bin:$PATH"
     else PYTHON=python3
     fi
 fi

@@ -9,8 +9,8 @@ export LAUNCHER_SIGNAL_LEAD_S=@{signal_lead_s}
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export MASTER_ADDR
 # A port derived from the job id: two jobs sharing a node never collide.
-export MASTER_PORT=$(( 10000 + SLURM_JOB_ID % 10000 ))
-mkdir -p "$LAUNCHER_RUN_DIR/logs"
-rm -f "$LAUNCHER_RUN_DIR/.requeue_requested"
+export MASTER_PORT=$(( @{master_port_base} + SLURM_JOB_ID % @{master_port_span} ))
+mkdir -p "$LAUNCHER_RUN_DIR/@{logs_dir}"
+rm -f "$LAUNCHER_RUN_DIR/@{requeue_marker}"
 echo "launcher: job ${SLURM_JOB_ID} attempt ${LAUNCHER_ATTEMPT} on ${SLURM_JOB_NODELIST} (rendezvous ${MASTER_ADDR}:${MASTER_PORT})"
-echo "launcher: job ${SLURM_JOB_ID} attempt ${LAUNCHER_ATTEMPT} started $(date -Is) on ${SLURM_JOB_NODELIST}" >> "$LAUNCHER_RUN_DIR/logs/attempts.log"
+echo "launcher: job ${SLURM_JOB_ID} attempt ${LAUNCHER_ATTEMPT} started $(date -Is) on ${SLURM_JOB_NODELIST}" >> "$LAUNCHER_RUN_DIR/@{attempts_log}"

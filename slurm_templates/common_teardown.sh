@@ -1,10 +1,10 @@
 # --- launcher: requeue (outside the container, after every task has exited) ---
 launcher_rc=$?
-if [ -f "$LAUNCHER_RUN_DIR/.requeue_requested" ]; then
-  rm -f "$LAUNCHER_RUN_DIR/.requeue_requested"
+if [ -f "$LAUNCHER_RUN_DIR/@{requeue_marker}" ]; then
+  rm -f "$LAUNCHER_RUN_DIR/@{requeue_marker}"
   if [ "${SLURM_RESTART_COUNT:-0}" -lt "$LAUNCHER_MAX_REQUEUES" ]; then
     echo "launcher: checkpoint saved after a stop signal; requeueing job ${SLURM_JOB_ID} (attempt ${LAUNCHER_ATTEMPT} of at most $(( LAUNCHER_MAX_REQUEUES + 1 )))"
-    echo "launcher: job ${SLURM_JOB_ID} attempt ${LAUNCHER_ATTEMPT} requeued $(date -Is)" >> "$LAUNCHER_RUN_DIR/logs/attempts.log"
+    echo "launcher: job ${SLURM_JOB_ID} attempt ${LAUNCHER_ATTEMPT} requeued $(date -Is)" >> "$LAUNCHER_RUN_DIR/@{attempts_log}"
     if scontrol requeue "$SLURM_JOB_ID"; then
       exit 0
     fi

@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Sequence
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp")
+from launcher.config.strategies import STRATEGY_NAMES as STRATEGIES  # noqa: E402
 # One tiny setup for every training test: 2 ranks x 4 sequences x 2 accumulation steps of 32 tokens per step.
 BASE_OVERRIDES = [
     "model=tiny", "data=corpus", "train.seq_len=32", "train.micro_batch_size=4", "train.grad_accum=2",

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from launcher.plan.budget import estimate_budget, flops_per_token
+from launcher.plan.budget import estimate_budget
+from launcher.plan.flops import flops_for_shape
 from launcher.plan.job import make_plan
 from launcher.plan.fit import model_shape
 from login_helpers import LEONARDO_ACCOUNT, LUMI_ACCOUNT, config, run_launcher
@@ -18,9 +19,9 @@ def test_flops_per_token_is_6n_plus_attention_as_the_job_counts_it():
     cfg = config(["model=llama-8b"])
     shape = model_shape(cfg["model"])
     assert shape.n_params() == 8_030_261_248  # Llama-3.1-8B
-    assert flops_per_token(shape, 4096) == 6 * MATMUL_8B + 12 * 32 * 4096 * 4096
-    # LoRA: weight gradients only for the adapters.
-    assert flops_per_token(shape, 4096, trainable=1000) == 4 * MATMUL_8B + 2 * 1000 + 12 * 32 * 4096 * 4096
+    assert flops_for_shape(shape, 4096) == 6 * MATMUL_8B + 12 * 32 * 4096 * 4096
+    # LoRA: the adapters take part in the matmuls; weight gradients only for them.
+    assert flops_for_shape(shape, 4096, lora_params=1000) == 4 * (MATMUL_8B + 1000) + 2 * 1000 + 12 * 32 * 4096 * 4096
 
 
 def test_lumi_budget_from_assumed_mfu():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from hydra.errors import ConfigCompositionException
 
-from launcher.config.schema import STRATEGIES
+from launcher.config.strategies import STRATEGY_NAMES as STRATEGIES
 from launcher.plan.job import make_plan
 from launcher.slurm.render import render_script
 from launcher.config.validation import validate

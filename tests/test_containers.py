@@ -1,4 +1,4 @@
-"""Container recipes, the container command of a job, and the image build command (launcher/container.py).
+"""Container recipes, the container command of a job, and the image build command (launcher/container/).
 
 Regenerate the golden files after an intended change:  UPDATE_GOLDEN=1 python -m pytest tests/test_containers.py
 then review the diff of tests/golden/containers_*.txt before committing it.
@@ -21,24 +21,18 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
-from launcher import container as containers
-from launcher.container import (
-    BuildError,
-    batch_setup_lines,
-    build_command,
-    command_prefix,
-    exec_command,
-    forwarded_env_names,
-    normalize,
-    read_recipe,
-    setup_lines,
-)
+from launcher.container import batch_setup_lines, command_prefix
+from launcher.container.build import BuildError, build_command
+from launcher.container.check import check_installed
+from launcher.container.exec import exec_command, forwarded_env_names, setup_lines
+from launcher.container.recipe import normalize, read_recipe
 from login_helpers import assert_matches_golden, LEONARDO_ACCOUNT, LUMI_ACCOUNT, REPO, config
 
 RECIPES = REPO / "containers"
 GOLDEN = Path(__file__).parent / "golden"
 LUMI_BASE = "/appl/local/containers/sif-images/lumi-pytorch-rocm-6.2.4-python-3.12-pytorch-v2.7.1.sif"
 FROM_BASE_IMAGE = {"torch", "numpy"}  # never reinstalled: the ROCm/CUDA builds come with the base images
+TEMPLATE_VARIABLE = re.compile(r"{{\s*(\w+)\s*}}")  # a recipe's {{ NAME }}
 
 
 def pyproject_requirements():
@@ -67,7 +61,8 @@ def test_recipe_header_and_sections(recipes, name, bootstrap, source):
         assert recipe.sections.get(section, "").strip(), f"{name}.def has no %{section}"
     assert set(recipe.sections) <= {"arguments", "files", "post", "environment", "labels", "help", "test"}
     # SingularityCE fails on a {{ VAR }} without a value: every one needs a default.
-    assert set(recipe.template_variables) <= set(recipe.arguments), recipe.template_variables
+    variables = set(TEMPLATE_VARIABLE.findall(recipe.text))
+    assert variables <= set(recipe.arguments), variables
 
 
 def test_lumi_base_image_is_the_lumi_pytorch_image_of_the_cluster_profile(recipes):
@@ -448,7 +443,7 @@ def test_cli_run_executes_the_build(tmp_path):
 
 
 def test_check_passes_in_this_environment_and_flags_a_bad_version(capsys):
-    assert containers.check_installed("train") == 0
+    assert check_installed("train") == 0
     versions = {"torch": "2.6.0a0+ecf3bae40a", "deepspeed": "0.19.8"}
 
     def fake(name):
@@ -460,7 +455,7 @@ def test_check_passes_in_this_environment_and_flags_a_bad_version(capsys):
             raise PackageNotFoundError(name)
         return version(name)
 
-    assert containers.check_installed("train", version=fake) == 1
+    assert check_installed("train", version=fake) == 1
     out = capsys.readouterr().out
     assert re.search(r"BAD\s+torch\s+2\.6\.0a0", out) and re.search(r"BAD\s+peft\s+missing", out)
     assert re.search(r"ok\s+deepspeed\s+0\.19\.8", out)
@@ -472,7 +467,9 @@ def test_module_imports_no_training_stack(tmp_path):
         (poison / name).mkdir(parents=True)
         (poison / name / "__init__.py").write_text(f"raise ImportError('login path imported {name}')\n")
     code = ("import launcher.container as c; from pathlib import Path; "
-            "print(c.exec_command({'runtime': 'singularity', 'image': '/i.sif', 'binds': []}, code_dir=Path('/src')))")
+            "import launcher.container.build, launcher.container.check, launcher.container.recipe; "
+            "print(c.command_prefix({'container': {'runtime': 'singularity', 'image': '/i.sif', 'binds': []}}, "
+            "code_dir=Path('/src')))")
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHONPATH": os.pathsep.join([str(poison), str(REPO)])})
     assert done.returncode == 0, done.stderr

@@ -90,3 +90,20 @@ def test_core_masks_need_a_whole_node_else_bind_to_cores():
     shared = rendered(["+cluster=lumi", LUMI_ACCOUNT, "cluster.partition=small-g", "cluster.gpus_per_node_requested=2",
                        "cluster.tasks_per_node=2", "cluster.exclusive=false", "output_dir=/scratch/p/runs"])
     assert "--cpu-bind=cores" in shared and "mask_cpu" not in shared
+
+
+def test_the_batch_script_and_the_job_derive_the_same_rendezvous_port(tmp_path) -> None:
+    """One MASTER_PORT rule: the rendered shell arithmetic equals launcher.rundir.master_port."""
+    import shlex
+    import subprocess
+
+    from launcher.rundir import TEMPLATE_VALUES, master_port
+    from launcher.slurm.render import read_template
+
+    assert all(shlex.quote(value) == value for value in TEMPLATE_VALUES.values())  # safe inside quotes
+    line = next(line for line in read_template("common_setup.sh", run_dir=tmp_path, max_requeues=1, signal_lead_s=1)
+                if line.startswith("export MASTER_PORT="))
+    for job_id in ("123456", "9999", "40000"):
+        out = subprocess.run(["bash", "-c", f"{line}; echo $MASTER_PORT"], env={"SLURM_JOB_ID": job_id},
+                             capture_output=True, text=True, check=True).stdout
+        assert int(out) == master_port(job_id)

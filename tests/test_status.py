@@ -16,8 +16,11 @@ from typing import Dict, List, Optional, Sequence
 
 import pytest
 
+from launcher.rundir import read_metrics_tail
 from launcher.slurm import query as sq
-from launcher import status as st
+from launcher.status.follow import attempt_offset, follow
+from launcher.status.runs import STATE_UNKNOWN, collect, job_ids_of, read_attempts, read_run
+from launcher.status.table import format_duration, format_rate, format_table, to_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -346,7 +349,7 @@ def test_read_run_from_files_alone(tmp_path):
                  {"step": 150, "event": "checkpoint", "save_s": 0.2}, '{"step": 151, "loss": 2.'],
         checkpoints={100: True, 150: False},
     )
-    run = st.read_run(run_dir)
+    run = read_run(run_dir)
     assert (run.name, run.cluster, run.max_steps) == ("tiny-ddp-none", "local_slurm", 200)
     assert run.job_ids == ["120", "123"] and run.job_id == "123"
     assert (run.step, run.loss, run.eval_loss, run.tokens_per_s) == (150, 2.41, 2.7, 12345.6)
@@ -354,21 +357,21 @@ def test_read_run_from_files_alone(tmp_path):
     assert run.last_checkpoint == 100 and not run.export
     # Attempt and requeues of job 123 from logs/attempts.log: started twice, requeued twice.
     assert (run.attempt, run.attempt_source, run.requeues) == (2, "attempts.log", 2)
-    assert run.state == st.STATE_UNKNOWN and run.log == str(run_dir / "slurm" / "123_0_log.out")
+    assert run.state == STATE_UNKNOWN and run.log == str(run_dir / "slurm" / "123_0_log.out")
 
 
 def test_read_attempts_and_job_ids(tmp_path):
-    attempts = st.read_attempts(make_run(tmp_path, "r", attempts=ATTEMPTS) / "logs" / "attempts.log")
+    attempts = read_attempts(make_run(tmp_path, "r", attempts=ATTEMPTS) / "logs" / "attempts.log")
     assert attempts["123"].attempt == 2 and attempts["123"].requeues == 2 and attempts["123"].last_event == "requeued"
     assert attempts["123"].started == "2026-11-25T10:31:00+00:00 on node2"
     assert attempts["120"].attempt == 1 and attempts["120"].requeues == 0
     # A job known only from attempts.log (no slurm/ folder on this file system) still counts.
-    assert st.job_ids_of(tmp_path / "r", attempts) == ["120", "123"]
+    assert job_ids_of(tmp_path / "r", attempts) == ["120", "123"]
     # Array tasks: <arrayid>_submission.sh names the array, the tasks have their own files.
     array = make_run(tmp_path, "arr", jobs=[], logs={"200_1_0": "x", "200_10_0": "y", "200_1_3": "z"})
     (array / "slurm" / "200_submission.sh").write_text("")
     (array / "slurm" / "not-a-job.txt").write_text("")
-    assert st.job_ids_of(array) == ["200_1", "200_10"]
+    assert job_ids_of(array) == ["200_1", "200_10"]
 
 
 def test_metrics_tail_of_a_large_file(tmp_path):
@@ -376,9 +379,9 @@ def test_metrics_tail_of_a_large_file(tmp_path):
     lines += [{"step": 3000, "eval_loss": 1.5, "eval_batches": 4}] * 2000  # push the last train line back
     run = make_run(tmp_path, "big", metrics=lines)
     assert (run / "metrics.jsonl").stat().st_size > 200_000
-    tail = st.read_metrics_tail(run / "metrics.jsonl", block=4096)
+    tail = read_metrics_tail(run / "metrics.jsonl", block=4096)
     assert tail["train"]["step"] == 3000 and tail["eval_loss"] == 1.5
-    assert st.read_metrics_tail(tmp_path / "absent.jsonl") == {}
+    assert read_metrics_tail(tmp_path / "absent.jsonl") == {}
 
 
 @pytest.mark.parametrize(
@@ -394,7 +397,7 @@ def test_metrics_tail_of_a_large_file(tmp_path):
 def test_state_from_the_run_directory(tmp_path, kwargs, expected):
     run_dir = make_run(tmp_path, "r", **kwargs)
     (run_dir / "job.sh").write_text("#!/bin/bash\n")
-    assert st.read_run(run_dir).state == expected
+    assert read_run(run_dir).state == expected
 
 
 def fixed_query(states: Dict[str, sq.JobState], errors=(), available=True):
@@ -415,8 +418,8 @@ def test_collect_applies_slurm_states_and_finds_runs(tmp_path):
         "123": sq.JobState("123", "PENDING", restarts=3, reason="Priority", elapsed="00:00:00", source="squeue"),
         "7": sq.JobState("7", "COMPLETED", restarts=0, exit_code="0:0", elapsed="01:02:03", source="sacct"),
     }
-    runs, notes = st.collect(runs_dir, query=fixed_query(states, errors=["sacct: Slurm accounting storage is "
-                                                                          "disabled on this cluster"]))
+    runs, notes = collect(runs_dir, query=fixed_query(states, errors=["sacct: Slurm accounting storage is "
+                                                                       "disabled on this cluster"]))
     assert [run.name for run in runs] == ["a-run", "b-run"]
     a_run, b_run = runs
     assert (a_run.state, a_run.attempt, a_run.slurm_elapsed_s, a_run.export) == ("COMPLETED", 1, 3723, True)
@@ -424,14 +427,14 @@ def test_collect_applies_slurm_states_and_finds_runs(tmp_path):
     assert (b_run.state, b_run.reason, b_run.attempt, b_run.attempt_source) == ("PENDING", "Priority", 4, "slurm")
     assert any("accounting storage is disabled" in note for note in notes)
     # A single run directory is listed alone.
-    assert [run.name for run in st.collect(runs_dir / "b-run", query=fixed_query(states))[0]] == ["b-run"]
+    assert [run.name for run in collect(runs_dir / "b-run", query=fixed_query(states))[0]] == ["b-run"]
 
 
 def test_collect_without_slurm_derives_states(tmp_path):
     runs_dir = tmp_path / "runs"
     make_run(runs_dir, "done", jobs=["1"], export=True)
     make_run(runs_dir, "lost", jobs=["2"], attempts=["launcher: job 2 attempt 3 started x on n"])
-    runs, notes = st.collect(runs_dir, query=fixed_query({}, available=False))
+    runs, notes = collect(runs_dir, query=fixed_query({}, available=False))
     assert [(run.state, run.attempt) for run in runs] == [("FINISHED (no slurm)", None), ("UNKNOWN", 3)]
     assert "no Slurm commands" in notes[0]
 
@@ -447,8 +450,8 @@ def test_table_and_json(tmp_path):
         "99": sq.JobState("99", "COMPLETED", restarts=0, elapsed="00:01:00", source="sacct"),
         "124": sq.JobState("124", "PENDING", restarts=0, reason="Resources", elapsed="0:00", source="squeue"),
     }
-    runs, notes = st.collect(runs_dir, query=fixed_query(states))
-    table = st.format_table(runs)
+    runs, notes = collect(runs_dir, query=fixed_query(states))
+    table = format_table(runs)
     lines = table.splitlines()
     assert lines[0].split() == ["RUN", "CLUSTER", "JOB", "STATE", "ATTEMPT", "STEP", "LOSS", "TOK/S", "ELAPSED",
                                 "EXPORT"]
@@ -461,15 +464,15 @@ def test_table_and_json(tmp_path):
     # Columns line up: every row's STATE starts where the header's does.
     column = lines[0].index("STATE")
     assert all(line[column - 2:column] == "  " and line[column] != " " for line in lines)
-    data = json.loads(st.to_json(runs, notes))
+    data = json.loads(to_json(runs, notes))
     first = data["runs"][0]
     assert first["state"] == "RUNNING" and first["attempt"] == 2 and first["elapsed_s"] == 3723.4
     assert first["slurm_elapsed_s"] == 600 and first["step"] == 150 and data["notes"] == []
 
 
 def test_formatting_helpers():
-    assert st.format_rate(None) == "-" and st.format_rate(999) == "999" and st.format_rate(1_250_000) == "1.2M"
-    assert st.format_duration(0) == "0:00:00" and st.format_duration(86400 + 61) == "1-00:01:01"
+    assert format_rate(None) == "-" and format_rate(999) == "999" and format_rate(1_250_000) == "1.2M"
+    assert format_duration(0) == "0:00:00" and format_duration(86400 + 61) == "1-00:01:01"
 
 
 # ------------------------------------------------------------------------------------------------------------ logs
@@ -486,16 +489,16 @@ LOG = (
 def test_attempt_offset_finds_the_current_attempt(tmp_path):
     path = tmp_path / "123_0_log.out"
     path.write_text(LOG)
-    offset = st.attempt_offset(path)
+    offset = attempt_offset(path)
     assert path.read_bytes()[offset:].startswith(b"launcher: job 123 attempt 2 on node2")
     # Small blocks: the marker may straddle a block boundary or start a block.
     for block in (7, 13, 64, 100):
-        assert st.attempt_offset(path, block=block) == offset
+        assert attempt_offset(path, block=block) == offset
     # A "launcher: job" in the middle of a line is no marker; no marker at all means the whole file.
     path.write_text("x launcher: job 1 attempt 9 on n\nplain\n")
-    assert st.attempt_offset(path) == 0 and st.attempt_offset(tmp_path / "absent") == 0
+    assert attempt_offset(path) == 0 and attempt_offset(tmp_path / "absent") == 0
     path.write_text("launcher: job 1 attempt 1 on n\n" + "y" * 5000 + "\n")
-    assert st.attempt_offset(path, block=100) == 0
+    assert attempt_offset(path, block=100) == 0
 
 
 class Collector(io.BytesIO):
@@ -508,7 +511,7 @@ def run_follow(locate, until, *, offset=0, timeout=5.0, actions=()):
     out, notes = Collector(), []
     done = threading.Event()
     thread = threading.Thread(
-        target=st.follow, args=(locate, out),
+        target=follow, args=(locate, out),
         kwargs=dict(offset=offset, poll_s=0.01, rescan_s=0.05, stop=done.is_set, notify=notes.append), daemon=True,
     )
     thread.start()
@@ -536,7 +539,7 @@ def append(path: Path, text: str) -> None:
 def test_follow_across_requeue_truncation_and_replacement(tmp_path):
     path = tmp_path / "123_0_log.out"
     path.write_text(LOG)
-    offset = st.attempt_offset(path)
+    offset = attempt_offset(path)
 
     def replace():
         other = tmp_path / "new"

@@ -51,7 +51,8 @@ def test_topology_from_slurm_without_master_falls_back_to_the_nodelist(monkeypat
     monkeypatch.setattr(D.shutil, "which", lambda name: None)  # no scontrol inside a container
     env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "987654", "SLURM_JOB_NODELIST": "lrdn[0042-0043]"}
     topo = D.topology_from_env(env)
-    assert topo.master_addr == "lrdn0042" and topo.master_port == 10000 + 987654 % 50000
+    # The batch script's rule (slurm_templates/common_setup.sh), from launcher.rundir.
+    assert topo.master_addr == "lrdn0042" and topo.master_port == 10000 + 987654 % 10000
 
 
 def test_a_single_process_is_a_world_of_one() -> None:
@@ -165,7 +166,6 @@ def test_deepspeed_offload_settings() -> None:
 
 class _FakeStrategy:
     name = "ddp"
-    supports_resharding = True
 
     def checkpoint_problem(self, directory: Path):
         return None if (directory / "dcp" / ".metadata").is_file() else "no dcp/.metadata"
@@ -326,3 +326,27 @@ def test_resumed_schedule_takes_the_new_length_and_keeps_its_position() -> None:
         assert fake.scheduler.optimizer.param_groups[0]["lr"] == expected == fake.scheduler.get_last_lr()[0]
         if max_steps == 4:
             assert expected == old.get_last_lr()[0]
+
+
+@pytest.mark.parametrize("peft", ["none", "lora"])
+def test_the_jobs_flops_count_equals_the_login_nodes_for_llama_8b(peft: str) -> None:
+    """One FLOPs count: the job counts the built model's parameters, the login node the config's numbers."""
+    from transformers import AutoModelForCausalLM
+
+    from launcher.config import compose
+    from launcher.config.schema import as_container
+    from launcher.plan.fit import model_shape
+    from launcher.plan.flops import flops_for_shape
+    from launcher.train.metrics import count_parameters
+    from launcher.train.modeling import apply_peft, hf_config
+
+    cfg = as_container(compose(["model=llama-8b", "train.seq_len=4096", f"peft={peft}"]))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config(cfg["model"]))
+    shape = model_shape(cfg["model"])
+    lora = None
+    if peft == "lora":
+        model = apply_peft(model, cfg["peft"], seed=0)
+        lora = shape.lora_params(cfg["peft"]["r"], target_modules=tuple(cfg["peft"]["target_modules"]))
+    job = flops_per_token(count_parameters(model), num_layers=32, hidden_size=4096, seq_len=4096)
+    assert job == flops_for_shape(shape, 4096, lora_params=lora)

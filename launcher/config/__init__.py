@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from omegaconf import DictConfig, OmegaConf
-
-from launcher.config.schema import LauncherConfig, register_schema
 from launcher.paths import CONF_DIR, example_file
 
-__all__ = ["LauncherConfig", "compose", "setup_hydra"]
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+__all__ = ["compose", "setup_hydra", "check_overrides"]
+# Imports of omegaconf/hydra stay inside the functions: launcher.config.strategies is read by the job and the
+# planner, which must not pay for them.
 
 
 def setup_hydra() -> None:
     """Register the schema and the resolvers the YAML files use. Safe to call more than once."""
+    from omegaconf import OmegaConf
+
+    from launcher.config.schema import register_schema
+
     register_schema()
     if not OmegaConf.has_resolver("examples"):
         OmegaConf.register_new_resolver("examples", example_file)
@@ -33,7 +39,7 @@ def check_overrides(overrides: Sequence[str]) -> None:
             raise ConfigError(key, "(no cluster selected)", f"cluster keys need +cluster=NAME first ({names})")
 
 
-def compose(overrides: Sequence[str] = ()) -> DictConfig:
+def compose(overrides: Sequence[str] = ()) -> "DictConfig":
     """Compose the config as the command line would, without starting a process (tests, tools)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir

@@ -14,7 +14,6 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
-STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp")
 PEFT_METHODS = ("none", "lora")
 DATA_FORMATS = ("text", "jsonl_text", "instruction", "chat")
 
@@ -125,8 +124,7 @@ class DataConfig:
 
 @dataclass
 class StrategyConfig:
-    name: str = "ddp"  # ddp | zero1 | zero2 | zero3 | fsdp
-    zero_stage: int = 0
+    name: str = "ddp"  # a key of launcher.config.strategies.STRATEGIES (its engine, ZeRO stage, sharding)
     offload_optimizer: bool = False
     offload_params: bool = False
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32

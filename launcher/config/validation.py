@@ -14,20 +14,14 @@ from typing import Any, Dict, Iterator, Mapping
 import dataclasses
 import typing
 
-from launcher.config.schema import DATA_FORMATS, PEFT_METHODS, STRATEGIES, LauncherConfig
+from launcher.config.schema import DATA_FORMATS, PEFT_METHODS, LauncherConfig
+from launcher.config.strategies import STRATEGIES, STRATEGY_NAMES
 from launcher.errors import ConfigError
+from launcher.secrets import is_secret_name, looks_like_token
 from launcher.plan.slurm_time import format_time, parse_time
 
-ZERO_STAGE = {"ddp": 0, "fsdp": 0, "zero1": 1, "zero2": 2, "zero3": 3}
 BILLING_UNITS = ("gpu_hours", "node_hours", "core_hours")
 BACKENDS = ("nccl", "gloo")
-# Environment names that hold credentials: they reach jobs through the submitting shell's environment
-# (sbatch exports it), never through a file we write.
-_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|CREDENTIAL", re.IGNORECASE)
-# Values that look like credentials (Hugging Face, GitHub, OpenAI-style, W&B 40-hex keys).
-_SECRET_VALUE = re.compile(r"\b(hf_[A-Za-z0-9]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9]{20,})\b")
-# A bare 40-hex value is a W&B key; inside a path it is a Hugging Face snapshot or git commit directory.
-_SECRET_HEX = re.compile(r"^[0-9a-f]{40}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -81,7 +75,9 @@ def _check_safety(cfg: Mapping[str, Any]) -> None:
             continue
         if _CONTROL.search(value):
             raise ConfigError(field, value, "printable characters only (no newlines or control characters)")
-        if _SECRET_VALUE.search(value) or _SECRET_HEX.match(value):
+        # Credentials reach jobs through the submitting shell's environment (sbatch exports it), never a file we
+        # write. A 40-hex path component (an HF snapshot) is not a value on its own, so paths pass.
+        if looks_like_token(value):
             raise ConfigError(
                 field, "<redacted>", "no credentials in the config",
                 "export the token in your shell instead (e.g. HF_TOKEN): sbatch passes it to the job unwritten",
@@ -90,7 +86,7 @@ def _check_safety(cfg: Mapping[str, Any]) -> None:
     for name in (cluster.get("env") or {}):
         if not _ENV_NAME.match(name):
             raise ConfigError(f"cluster.env.{name}", name, "a shell variable name ([A-Za-z_][A-Za-z0-9_]*)")
-        if _SECRET_NAME.search(name):
+        if is_secret_name(name):
             raise ConfigError(
                 f"cluster.env.{name}", "<redacted>", "no credentials in cluster.env (it is written into the script)",
                 f"export {name} in your shell before submitting: sbatch passes it to the job unwritten",
@@ -102,14 +98,12 @@ def _check_safety(cfg: Mapping[str, Any]) -> None:
 
 def _check_training(cfg: Mapping[str, Any]) -> None:
     strategy = cfg["strategy"]
-    _one_of("strategy.name", strategy["name"], STRATEGIES)
-    expected_stage = ZERO_STAGE[strategy["name"]]
-    if strategy["zero_stage"] != expected_stage:
-        raise ConfigError("strategy.zero_stage", strategy["zero_stage"], f"{expected_stage} for {strategy['name']}")
+    _one_of("strategy.name", strategy["name"], STRATEGY_NAMES)
+    spec = STRATEGIES[strategy["name"]]
     _one_of("strategy.precision", strategy["precision"], ("auto", "bf16", "fp32"))
-    if strategy["offload_params"] and strategy["name"] not in ("zero3", "fsdp"):
+    if strategy["offload_params"] and not spec.can_offload_params:
         raise ConfigError("strategy.offload_params", True, "only with zero3 or fsdp", "use strategy=zero3")
-    if strategy["offload_optimizer"] and strategy["name"] == "ddp":
+    if strategy["offload_optimizer"] and not spec.can_offload_optimizer:
         raise ConfigError("strategy.offload_optimizer", True, "zero1, zero2, zero3 or fsdp")
     _one_of("peft.name", cfg["peft"]["name"], PEFT_METHODS)
     if cfg["data"]["format"] is not None:

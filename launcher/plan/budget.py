@@ -3,23 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 from launcher.plan.job import JobPlan, billing_units
 from launcher.plan.fit import model_shape
 from launcher.plan import ModelShape, get_device
-from launcher.scaling.metrics import model_flops_per_token
+from launcher.plan.flops import flops_for_shape
 from launcher.summary import UNIT_NAMES
-
-
-def flops_per_token(shape: ModelShape, seq_len: int, trainable: Optional[int] = None) -> float:
-    """Training FLOPs per token, as the job counts them for MFU (launcher/train/metrics.py): forward 2N and input
-    gradients 2N for the matmul parameters N (the input embedding is a lookup), weight gradients 2N only for the
-    trainable ones (LoRA: the adapters), plus 12*L*H*S for attention."""
-    embedding = 0 if shape.tie_embeddings else shape.vocab_size * shape.hidden_size
-    matmul = shape.n_params() - embedding
-    frozen = 0 if trainable is None else matmul - min(trainable, matmul)
-    return model_flops_per_token(matmul, shape.n_layers, seq_len, shape.hidden_size) - 2 * frozen
 
 
 @dataclass(frozen=True)
@@ -50,7 +40,7 @@ def estimate_budget(cfg: Mapping[str, Any], plan: JobPlan) -> Budget | None:
         trainable = (shape.lora_params(peft["r"], target_modules=tuple(peft["target_modules"]))
                      if peft["name"] == "lora" else None)
         peak = get_device(cfg["cluster"]["device"]).peak_bf16_tflops * 1e12
-        per_device = budget["mfu"] * peak / flops_per_token(shape, cfg["train"]["seq_len"], trainable)
+        per_device = budget["mfu"] * peak / flops_for_shape(shape, cfg["train"]["seq_len"], trainable)
         source = f"assumed MFU {budget['mfu']:.0%}"
     devices = plan.world_size
     walltime_s = budget["tokens"] / (per_device * devices)

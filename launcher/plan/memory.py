@@ -18,13 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
+from launcher.config.strategies import STRATEGY_NAMES, strategy_spec
 from launcher.plan.devices import GIB, Device
 
-# Ordered by communication volume per step, least first: the order in which ``recommend`` tries them.
-# zero3 and fsdp shard the same states and need the same memory here; zero3 comes first so that moving up
-# from zero1/zero2 keeps the same engine (DeepSpeed), config family and checkpoint format.
-STRATEGIES: tuple[str, ...] = ("ddp", "zero1", "zero2", "zero3", "fsdp")
-_STAGE: dict[str, int] = {"ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3, "fsdp": 3}
+# The order in which ``recommend`` tries them (least communication first): the strategy table's.
+STRATEGIES: tuple[str, ...] = STRATEGY_NAMES
 
 
 @dataclass(frozen=True)
@@ -180,10 +178,8 @@ def gib(n_bytes: int | float) -> float:
 
 
 def _check_strategy(strategy: str) -> int:
-    try:
-        return _STAGE[strategy]
-    except KeyError:
-        raise ValueError(f"unknown strategy {strategy!r}; allowed: {', '.join(STRATEGIES)}") from None
+    """How much ``strategy`` shards (0 nothing ... 3 parameters too)."""
+    return strategy_spec(strategy).shards
 
 
 def _check_precision(precision: str) -> _Bytes:

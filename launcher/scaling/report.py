@@ -233,34 +233,28 @@ def _clip(text: str) -> str:
 
 def _model_numbers(model: Mapping[str, Any], seq_len: Optional[int]) -> Tuple[Optional[int], Optional[float]]:
     """(all parameters, 6N + 12LHS FLOPs per token) of a Llama-style model built from the config numbers."""
-    try:
-        from launcher.plan.budget import flops_per_token
-        from launcher.plan.fit import model_shape
+    from launcher.plan.fit import model_shape
+    from launcher.plan.flops import flops_for_shape
 
+    try:
         shape = model_shape(model)
-        return shape.n_params(), flops_per_token(shape, int(seq_len)) if seq_len else None
-    except Exception:  # an architecture the planner does not know: MFU then comes from the job's own log
+    except (ValueError, KeyError, TypeError):  # numbers the planner cannot use: MFU comes from the job's own log
         return None, None
+    return shape.n_params(), flops_for_shape(shape, int(seq_len)) if seq_len else None
 
 
 def _device_description(device: Optional[str]) -> str:
-    try:
-        from launcher.plan.devices import DEVICES
+    from launcher.plan.devices import DEVICES
 
-        return DEVICES[device].description or device if device in DEVICES else (device or "")
-    except Exception:
-        return device or ""
+    return DEVICES[device].description or device if device in DEVICES else (device or "")
 
 
 def _peak_tflops(device: Optional[str]) -> Optional[float]:
     if not device:
         return None
-    try:
-        from launcher.plan.devices import DEVICES
+    from launcher.plan.devices import DEVICES
 
-        return float(DEVICES[device].peak_bf16_tflops) if device in DEVICES else None
-    except Exception:
-        return None
+    return float(DEVICES[device].peak_bf16_tflops) if device in DEVICES else None
 
 
 def _tasks_per_node(cluster: Mapping[str, Any]) -> int:

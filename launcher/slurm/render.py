@@ -15,6 +15,7 @@ from launcher import container as containers
 from launcher.plan.job import JobPlan, job_name
 from launcher.config.validation import gpus_requested
 from launcher.paths import PACKAGE_DIR, TEMPLATES_DIR
+from launcher.rundir import TEMPLATE_VALUES
 
 
 class _ShellTemplate(string.Template):
@@ -25,7 +26,8 @@ class _ShellTemplate(string.Template):
 def read_template(name: str, **values: Any) -> List[str]:
     """A template of slurm_templates/ with its placeholders replaced by shell-quoted values."""
     text = (TEMPLATES_DIR / name).read_text()
-    quoted = {key: shlex.quote(str(value)) for key, value in values.items()}
+    # The run-directory contract's names (shell-safe words) are available to every template.
+    quoted = {key: shlex.quote(str(value)) for key, value in {**TEMPLATE_VALUES, **values}.items()}
     return _ShellTemplate(text).substitute(quoted).rstrip("\n").split("\n")
 
 

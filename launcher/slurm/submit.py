@@ -22,7 +22,7 @@ def check_slurm_available() -> None:
 def check_no_active_job(run_dir: Path, run_name: str) -> None:
     """Two job chains on one run directory would fight over its checkpoints (and pay twice): refuse the second."""
     from launcher.slurm.query import job_states
-    from launcher.status import job_ids_of
+    from launcher.status.runs import job_ids_of
 
     if not (run_dir / "slurm").is_dir():
         return

@@ -8,9 +8,7 @@ import sys
 from pathlib import Path
 from typing import IO, Any
 
-# Exit code of launcher.train.main.run: a stop signal arrived, every rank saved, the job should requeue.
-EXIT_REQUEUE = 3
-REQUEUE_MARKER = ".requeue_requested"
+from launcher.rundir import ENV_ATTEMPT, EXIT_REQUEUE, REQUEUE_MARKER, attempt_log
 
 
 class _Tee:
@@ -35,10 +33,10 @@ def _log_this_attempt(run_dir: str) -> None:
     """Rank 0's output also goes to logs/attempt-<N>.log: Slurm's own log is shared by every attempt of the job."""
     if os.environ.get("SLURM_PROCID", "0") != "0":
         return
-    attempt = os.environ.get("LAUNCHER_ATTEMPT") or str(int(os.environ.get("SLURM_RESTART_COUNT", "0")) + 1)
-    logs = Path(run_dir, "logs")
-    logs.mkdir(parents=True, exist_ok=True)
-    copy = open(logs / f"attempt-{attempt}.log", "a", buffering=1)  # noqa: SIM115 (lives as long as the task)
+    attempt = os.environ.get(ENV_ATTEMPT) or str(int(os.environ.get("SLURM_RESTART_COUNT", "0")) + 1)
+    path = attempt_log(Path(run_dir), attempt)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    copy = open(path, "a", buffering=1)  # noqa: SIM115 (lives as long as the task)
     sys.stdout = _Tee(sys.stdout, copy)
     sys.stderr = _Tee(sys.stderr, copy)
 

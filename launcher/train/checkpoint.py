@@ -35,6 +35,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import numpy as np
 import torch
 
+from launcher.config.strategies import strategy_spec
 from launcher.train.distributed import DistEnv, barrier, broadcast_object, log
 
 COMPLETE = "COMPLETE"
@@ -293,7 +294,7 @@ class CheckpointManager:
                 f"(export_only=true with strategy={saved_strategy}, then model.pretrained=<run_dir>/export)"
             )
         saved_world = int(state.get("world_size", self.env.world_size))
-        if saved_world != self.env.world_size and not self.strategy.supports_resharding:
+        if saved_world != self.env.world_size and not strategy_spec(self.strategy.name).reshards_on_resume:
             raise CheckpointError(
                 f"{path} was written by {saved_world} ranks with {self.strategy.name}; this run has "
                 f"{self.env.world_size}. ZeRO optimizer state is partitioned per rank and does not reshard here: "

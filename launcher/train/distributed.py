@@ -6,13 +6,13 @@ Two ways in, one result (a ``DistEnv``):
 - srun (Slurm, one task per device): ``RANK = SLURM_PROCID``, ``LOCAL_RANK = SLURM_LOCALID``,
   ``WORLD_SIZE = SLURM_NTASKS``. ``MASTER_ADDR``/``MASTER_PORT`` come from the batch script (computed outside the
   container, where ``scontrol`` exists); when absent, the first host of ``SLURM_JOB_NODELIST`` and
-  ``10000 + SLURM_JOB_ID % 50000``.
+  ``launcher.rundir.master_port`` (the batch script's rule).
 
 A plain ``python -m launcher.train RUN_DIR`` is a world of one.
 
 The stop flag: ``request_stop()`` (or SIGTERM / SIGUSR2 once ``install_signal_handlers()`` ran) only sets a flag; the
 training loop agrees on it across ranks at the next step boundary (``any_rank_flags``), all ranks save together and
-``run()`` returns ``EXIT_REQUEUE`` (3).
+``run()`` returns ``launcher.rundir.EXIT_REQUEUE``.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from datetime import timedelta
 from typing import Any, Callable, Dict, Mapping, MutableMapping, Optional, Sequence, Tuple
+
+from launcher.rundir import master_port
 
 # Rendezvous (and the first collective) must fail instead of burning the allocation: 10 minutes.
 INIT_TIMEOUT_S = float(os.environ.get("LAUNCHER_DIST_INIT_TIMEOUT_S", 600))
@@ -104,10 +106,6 @@ def slurm_master_addr(nodelist: str) -> str:
     return first_host(nodelist)
 
 
-def slurm_master_port(job_id: str) -> int:
-    return 10000 + int(job_id) % 50000
-
-
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -127,7 +125,7 @@ def topology_from_env(environ: Mapping[str, str]) -> Topology:
         )
     if "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ:
         addr = environ.get("MASTER_ADDR") or slurm_master_addr(environ.get("SLURM_JOB_NODELIST", ""))
-        port = environ.get("MASTER_PORT") or str(slurm_master_port(environ.get("SLURM_JOB_ID", "0")))
+        port = environ.get("MASTER_PORT") or str(master_port(environ.get("SLURM_JOB_ID", "0")))
         return Topology(
             rank=int(environ["SLURM_PROCID"]),
             local_rank=int(environ.get("SLURM_LOCALID", "0")),

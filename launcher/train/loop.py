@@ -23,6 +23,7 @@ from typing import Any, Dict, Optional
 import torch
 import torch.distributed as dist
 
+from launcher.rundir import ENV_SIGNAL_LEAD_S
 from launcher.train import distributed as D
 from launcher.train.metrics import MetricsFile, PeakMemory, Progress, StepWindow, device_peak_tflops
 
@@ -241,12 +242,14 @@ class Trainer:
 
 def save_budget_warning(save_s: float, step_s: float) -> Optional[str]:
     """Slurm's warning signal must leave time to finish the step in flight (up to two) and save: say when it does not."""
-    lead = os.environ.get("LAUNCHER_SIGNAL_LEAD_S")
+    from launcher.plan.save_budget import needed_lead_s
+
+    lead = os.environ.get(ENV_SIGNAL_LEAD_S)
     if not lead:
         return None
-    needed = save_s + 2 * step_s
-    if needed * 1.5 <= float(lead):
+    needed = needed_lead_s(save_s, step_s)
+    if needed <= float(lead):
         return None
     return (f"WARNING: a save takes {save_s:.1f}s and a step {step_s:.1f}s, but Slurm's warning comes only {lead}s "
-            f"before the time limit: raise cluster.signal_lead_s to at least {int(needed * 1.5) + 1} or the job may "
+            f"before the time limit: raise cluster.signal_lead_s to at least {int(needed) + 1} or the job may "
             "be killed mid-save (the previous checkpoint stays valid)")

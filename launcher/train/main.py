@@ -21,16 +21,13 @@ import traceback
 from pathlib import Path
 from typing import Any, Optional
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_BAD_INPUT = 2
-EXIT_REQUEUE = 3
+from launcher.rundir import CONFIG_FILE, EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_REQUEUE  # noqa: F401
 
 
 def load_config(run_dir: Path) -> Any:
     from omegaconf import OmegaConf
 
-    path = run_dir / "config.yaml"
+    path = run_dir / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no resolved config (the launcher writes it before starting the job)")
     return OmegaConf.load(path)

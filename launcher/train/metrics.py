@@ -1,18 +1,8 @@
 """Throughput, MFU, the metrics file and the rank-0 progress display.
 
-MFU (model FLOPs utilisation) = achieved model FLOP/s / (world size x device peak). Model FLOPs per token are the usual
-estimate (Kaplan et al.; PaLM appendix B), counting matmuls only and not the recomputation of gradient checkpointing:
-
-    forward             2 * N
-    backward, inputs    2 * N
-    backward, weights   2 * N_trainable        (all of N for full training; only the adapters for LoRA)
-    attention           12 * layers * hidden * seq_len   (QK^T and AV, forward + backward, no causal discount)
-
-with N the parameters that take part in matmuls: every parameter except the input embedding table (a lookup), unless
-it is tied to the output head. Full training gives the familiar ``6N + 12 L H S``.
-
-The peak is the device's dense bf16 rate (``launcher.plan.devices.DEVICES[cluster.device].peak_bf16_tflops``:
-A100 312, MI250X GCD 191.5, H100 989 TFLOP/s); an fp32 run is measured against the same bf16 peak.
+MFU (model FLOPs utilisation) = achieved model FLOP/s / (world size x device peak), with the FLOPs per token of
+``launcher.plan.flops`` (the same count as the dry run's budget and the scaling report) and the device's dense bf16
+peak from ``launcher.plan.devices`` (an fp32 run is measured against the same bf16 peak).
 """
 
 from __future__ import annotations
@@ -25,24 +15,15 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, TextIO, Tuple, TypeVar
 
+from launcher.plan.devices import DEVICES
+from launcher.plan.flops import flops_per_token as plan_flops
+
 T = TypeVar("T")
 
-# Fallback when launcher.plan.devices is not importable (bf16 dense TFLOP/s per device as a rank sees it).
-_FALLBACK_PEAKS = {
-    "a100_64gb": 312.0, "a100": 312.0, "mi250x_gcd": 191.5, "h100_80gb": 989.0, "h100": 989.0, "cpu": 1.0,
-}
-
-
 def device_peak_tflops(name: Optional[str]) -> Optional[float]:
-    name = name or "cpu"
-    try:
-        from launcher.plan.devices import DEVICES
-
-        if name in DEVICES:
-            return float(DEVICES[name].peak_bf16_tflops)
-    except Exception:  # the planner is optional inside the job
-        pass
-    return _FALLBACK_PEAKS.get(name)
+    """The device's dense bf16 peak from THE device table (launcher.plan.devices); None for an unknown name."""
+    device = DEVICES.get(name or "cpu")
+    return float(device.peak_bf16_tflops) if device is not None else None
 
 
 def count_parameters(model: Any) -> Dict[str, int]:
@@ -69,10 +50,10 @@ def count_parameters(model: Any) -> Dict[str, int]:
 
 
 def flops_per_token(params: Dict[str, int], *, num_layers: int, hidden_size: int, seq_len: int) -> float:
-    """Model FLOPs per trained token (see the module docstring)."""
-    n = params["total"] - params["embedding"]
-    n_trainable_matmul = min(params["trainable"], n)
-    return 4.0 * n + 2.0 * n_trainable_matmul + 12.0 * num_layers * hidden_size * seq_len
+    """THE FLOPs count (launcher.plan.flops) for a built model's ``count_parameters``."""
+    matmul = params["total"] - params["embedding"]
+    return plan_flops(matmul_params=matmul, trainable_matmul_params=params["trainable"], n_layers=num_layers,
+                      hidden_size=hidden_size, seq_len=seq_len)
 
 
 class StepWindow:

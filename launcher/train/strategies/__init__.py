@@ -9,23 +9,15 @@ from __future__ import annotations
 import importlib
 from typing import Any, Type
 
+from launcher.config.strategies import strategy_spec
 from launcher.train.strategies.base import Strategy, StrategyUnavailable
 
-_BACKENDS = {
-    "ddp": ("launcher.train.strategies.ddp", "DDPStrategy"),
-    "zero1": ("launcher.train.strategies.deepspeed", "DeepSpeedStrategy"),
-    "zero2": ("launcher.train.strategies.deepspeed", "DeepSpeedStrategy"),
-    "zero3": ("launcher.train.strategies.deepspeed", "DeepSpeedStrategy"),
-    "fsdp": ("launcher.train.strategies.fsdp", "FSDPStrategy"),
-}
 
 __all__ = ["Strategy", "StrategyUnavailable", "strategy_class", "create"]
 
 
 def strategy_class(name: str) -> Type[Strategy]:
-    if name not in _BACKENDS:
-        raise ValueError(f"strategy.name={name!r}: use one of {', '.join(_BACKENDS)}")
-    module_name, class_name = _BACKENDS[name]
+    module_name, class_name = strategy_spec(name).backend
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:  # e.g. deepspeed missing

@@ -74,8 +74,6 @@ def move_batch(batch: Dict[str, torch.Tensor], device: torch.device) -> Dict[str
 
 class Strategy(ABC):
     name: ClassVar[str]
-    # Resume on another world size: DCP reshards (ddp, fsdp); DeepSpeed ZeRO partitions do not.
-    supports_resharding: ClassVar[bool] = False
 
     def __init__(self, cfg: Any, env: DistEnv) -> None:
         self.cfg = cfg

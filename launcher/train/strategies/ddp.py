@@ -14,7 +14,6 @@ from launcher.train.strategies.base import move_batch
 
 class DDPStrategy(dcp.TorchNativeStrategy):
     name = "ddp"
-    supports_resharding = True  # replicated state: DCP loads it on any world size
 
     def wrap(self, model: torch.nn.Module) -> None:
         model.to(self.env.device)

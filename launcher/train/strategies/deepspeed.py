@@ -24,6 +24,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from launcher.train.strategies.base import Strategy, StrategyUnavailable, build_optimizer, move_batch, package_version
+from launcher.config.strategies import strategy_spec
 from launcher.train.schedule import build_scheduler
 
 TAG = "deepspeed"
@@ -34,7 +35,7 @@ MIN_VERSION = (0, 19, 3)
 
 def deepspeed_config(cfg: Any, *, world_size: int, precision: str, device_type: str) -> Dict[str, Any]:
     """The DeepSpeed JSON config for our config (pure; unit-tested)."""
-    stage = {"zero1": 1, "zero2": 2, "zero3": 3}[cfg.strategy.name]
+    stage = strategy_spec(cfg.strategy.name).zero_stage
     train = cfg.train
     zero: Dict[str, Any] = {"stage": stage, "contiguous_gradients": True, "overlap_comm": device_type == "cuda"}
     if cfg.strategy.offload_optimizer:
@@ -82,7 +83,6 @@ def _version_text(version: Tuple[int, ...]) -> str:
 
 class DeepSpeedStrategy(Strategy):
     name = "zero"
-    supports_resharding = False
 
     @classmethod
     def check_available(cls) -> None:
@@ -105,7 +105,7 @@ class DeepSpeedStrategy(Strategy):
 
     def __init__(self, cfg: Any, env: Any) -> None:
         super().__init__(cfg, env)
-        self.stage = {"zero1": 1, "zero2": 2, "zero3": 3}[cfg.strategy.name]
+        self.stage = strategy_spec(cfg.strategy.name).zero_stage
         self.name = cfg.strategy.name
         _quiet_deepspeed()
 

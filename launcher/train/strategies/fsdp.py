@@ -58,7 +58,6 @@ def needs_cpu_collectives(strategy_cfg: Any, device_type: str) -> bool:
 
 class FSDPStrategy(dcp.TorchNativeStrategy):
     name = "fsdp"
-    supports_resharding = True
 
     @classmethod
     def check_available(cls) -> None:

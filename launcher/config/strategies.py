@@ -1,0 +1,53 @@
+"""THE strategy table: each parallelism strategy's engine, what it shards, its DeepSpeed stage and whether its
+checkpoints reshard on resume. Stdlib only: the login node (validation, the memory planner) and the job (the engines
+in ``launcher.train.strategies``, checkpoints) read the same rows.
+
+Ordered by communication volume per step, least first: the order in which the planner recommends them. zero3 and
+fsdp shard the same states; zero3 comes first so that moving up from zero1/zero2 keeps the same engine and checkpoint
+format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    name: str
+    engine: str  # "ddp" | "deepspeed" | "fsdp2"
+    shards: int  # 0 nothing, 1 optimizer state, 2 + gradients, 3 + parameters
+    zero_stage: Optional[int]  # the DeepSpeed ZeRO stage; None outside DeepSpeed
+    reshards_on_resume: bool  # DCP checkpoints load on another world size; ZeRO partitions do not
+    backend: Tuple[str, str]  # (module, class) of the engine in launcher.train.strategies
+
+    @property
+    def can_offload_optimizer(self) -> bool:
+        return self.shards >= 1
+
+    @property
+    def can_offload_params(self) -> bool:
+        return self.shards >= 3
+
+
+_TRAIN = "launcher.train.strategies"
+STRATEGIES: Dict[str, StrategySpec] = {
+    spec.name: spec
+    for spec in (
+        StrategySpec("ddp", "ddp", 0, None, True, (f"{_TRAIN}.ddp", "DDPStrategy")),
+        StrategySpec("zero1", "deepspeed", 1, 1, False, (f"{_TRAIN}.deepspeed", "DeepSpeedStrategy")),
+        StrategySpec("zero2", "deepspeed", 2, 2, False, (f"{_TRAIN}.deepspeed", "DeepSpeedStrategy")),
+        StrategySpec("zero3", "deepspeed", 3, 3, False, (f"{_TRAIN}.deepspeed", "DeepSpeedStrategy")),
+        StrategySpec("fsdp", "fsdp2", 3, None, True, (f"{_TRAIN}.fsdp", "FSDPStrategy")),
+    )
+}
+STRATEGY_NAMES: Tuple[str, ...] = tuple(STRATEGIES)
+
+
+def strategy_spec(name: str) -> StrategySpec:
+    """The row of ``name``; ValueError naming the allowed ones."""
+    try:
+        return STRATEGIES[name]
+    except KeyError:
+        raise ValueError(f"unknown strategy {name!r}; allowed: {', '.join(STRATEGY_NAMES)}") from None

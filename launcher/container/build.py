@@ -1,0 +1,213 @@
+"""Building the image (login node, or a Slurm job on Leonardo): the build command of each machine and its CLI.
+
+``python -m launcher.container build +cluster=lumi|leonardo [key=value ...] [output=PATH] [--build-arg NAME=VALUE ...]
+[--run [--here]]`` prints the machine's build command with the environment to prepare, or runs it. Hydra and
+OmegaConf are imported only when the CLI composes the config.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from launcher.container.exec import ENV_NAME
+from launcher.container.recipe import read_recipe
+from launcher.paths import CONTAINERS_DIR
+
+
+@dataclass(frozen=True)
+class BuildProfile:
+    """Where and how a machine builds its image (facts: shared/reference/clusters.md, docs/containers.md)."""
+
+    recipe: str
+    flags: Tuple[str, ...] = ()
+    # Used when cluster.container.image is missing or read-only; formatted with the cluster's account.
+    default_output: Optional[str] = None
+    read_only_prefixes: Tuple[str, ...] = ()
+    # Printed before the command: where to build, environment to prepare.
+    notes: Tuple[str, ...] = ()
+    # True: the build must run inside a Slurm job (--run refuses elsewhere unless --here).
+    needs_job: bool = False
+    job_example: str = ""
+
+
+BUILD_PROFILES: Dict[str, BuildProfile] = {
+    "lumi": BuildProfile(
+        recipe="lumi.def",
+        default_output="/project/{account}/containers/launcher-lumi.sif",
+        read_only_prefixes=("/appl/",),
+        notes=(
+            "# LUMI: build on a login node. SingularityCE builds unprivileged with proot from the systools module",
+            "# (no root, no --fakeroot); the login nodes reach PyPI. Keep images in /project or /scratch, not $HOME.",
+            "module load LUMI systools",
+            "unset SINGULARITY_BIND SINGULARITY_BINDPATH  # set by LUMI's container modules; unwanted in a build",
+            "# room for the unpacked image (tens of GB); $XDG_RUNTIME_DIR (RAM) suits small images only",
+            'export SINGULARITY_TMPDIR="/scratch/{account}/$USER/singularity-tmp" '
+            'SINGULARITY_CACHEDIR="/scratch/{account}/$USER/singularity-cache"',
+            'mkdir -p "$SINGULARITY_TMPDIR" "$SINGULARITY_CACHEDIR"',
+        ),
+    ),
+    "leonardo": BuildProfile(
+        recipe="leonardo.def",
+        flags=("--fakeroot",),
+        notes=(
+            "# Leonardo: keep the image in $WORK (or $FAST), not $HOME (50 GB). Pull caches and temporary files on scratch:",
+            'export SINGULARITY_TMPDIR="$CINECA_SCRATCH/singularity-tmp" SINGULARITY_CACHEDIR="$CINECA_SCRATCH/singularity-cache"',
+            'mkdir -p "$SINGULARITY_TMPDIR" "$SINGULARITY_CACHEDIR"',
+        ),
+        needs_job=True,
+        job_example="srun -A {account} -p lrd_all_serial --time=04:00:00 --cpus-per-task=4 --mem=30000M {command}",
+    ),
+}
+
+LEONARDO_WARNING = (
+    "warning: Leonardo builds do not belong in the login shell (processes are killed after 10 minutes of CPU time).\n"
+    "Run the build as a Slurm job. It downloads nvcr.io/nvidia/pytorch and PyPI packages, and the boost compute\n"
+    "nodes have no internet: use lrd_all_serial (runs on the login nodes, 4 cores, 30 GB, 4 h), e.g.\n"
+    "  {example}\n"
+    "or salloc -A {account} -p lrd_all_serial --time=04:00:00 --cpus-per-task=4, then the command inside.\n"
+    "If --fakeroot is refused there, build on a machine with Apptainer and copy the .sif to $WORK."
+)
+
+
+class BuildError(ValueError):
+    """A build request that cannot work; the message says what to pass instead."""
+
+
+def build_profile(cluster_name: str) -> BuildProfile:
+    """The build profile of a cluster; ``BuildError`` naming the recipes there are when it has none."""
+    profile = BUILD_PROFILES.get(cluster_name)
+    if profile is None:
+        raise BuildError(f"no container recipe for cluster {cluster_name!r} (recipes: {', '.join(sorted(BUILD_PROFILES))})")
+    return profile
+
+
+def build_command(cluster_name: str, container: Optional[Mapping[str, Any]], *, recipe_dir: Path, output: Any,
+                  build_args: Optional[Mapping[str, str]] = None, project_dir: Optional[Path] = None) -> List[str]:
+    """``[runtime, "build", flags..., "--build-arg", "PROJECT_DIR=<checkout>", ..., output, recipe]``.
+
+    ``build_args`` override the recipe's ``%arguments`` (``BASE_IMAGE`` on LUMI, ``NGC_TAG`` on Leonardo); a name
+    the recipe does not define is refused. ``project_dir`` defaults to the checkout holding ``recipe_dir``.
+    """
+    profile = build_profile(cluster_name)
+    recipe_path = Path(recipe_dir) / profile.recipe
+    recipe = read_recipe(recipe_path)
+    project = Path(project_dir) if project_dir is not None else Path(recipe_dir).resolve().parent
+    if not (project / "pyproject.toml").is_file():
+        raise BuildError(f"{project} is not a source checkout (no pyproject.toml): build from a clone of the repository")
+    if any(c.isspace() for c in str(project)) or any(c.isspace() for c in str(output)):
+        raise BuildError("the checkout and the output path must not contain white space (definition files split on it)")
+    extra = dict(build_args or {})
+    unknown = sorted(set(extra) - set(recipe.arguments))
+    if unknown:
+        raise BuildError(f"{profile.recipe} has no argument {', '.join(unknown)} (it has: {', '.join(sorted(recipe.arguments))})")
+    runtime = str((container or {}).get("runtime") or "singularity")
+    args = [runtime, "build", *profile.flags, "--build-arg", f"PROJECT_DIR={project}"]
+    for key, value in extra.items():
+        if key != "PROJECT_DIR":
+            args += ["--build-arg", f"{key}={value}"]
+    return args + [str(output), str(recipe_path)]
+
+
+def default_output(cluster_name: str, cluster: Mapping[str, Any]) -> str:
+    """Where the image goes without ``output=``: the profile's ``container.image`` unless that is read-only (LUMI's
+    ``/appl`` base images), else the machine's project location."""
+    profile = build_profile(cluster_name)
+    image = str(((cluster.get("container") or {}).get("image")) or "")
+    # A profile image interpolated from a missing account reads ".../None/...": not a place to build into.
+    if image and not image.startswith(profile.read_only_prefixes) and "/None/" not in image:
+        return image
+    if profile.default_output and cluster.get("account"):
+        return profile.default_output.format(account=cluster["account"])
+    example = (profile.default_output or "/path/to/launcher-{account}.sif").format(account="<account>")
+    raise BuildError(f"cluster.container.image={image or None!r} is not writable: pass output={example}"
+                     + (" or cluster.account=<account>" if profile.default_output else ""))
+
+
+# --- the build CLI ------------------------------------------------------------------------------------------------
+
+
+def _parse_build_args(items: Sequence[str]) -> Dict[str, str]:
+    """``NAME=VALUE`` items of ``--build-arg`` as a dict."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not ENV_NAME.match(key):
+            raise BuildError(f"--build-arg {item!r}: expected NAME=VALUE")
+        out[key] = value
+    return out
+
+
+def _split_output(items: Sequence[str]) -> Tuple[Optional[str], List[str]]:
+    """``output=PATH`` (the last one wins) apart from the config overrides."""
+    output: Optional[str] = None
+    overrides = []
+    for item in items:
+        if item.startswith("output="):
+            output = item.split("=", 1)[1]
+        else:
+            overrides.append(item)
+    return output, overrides
+
+
+def _compose_cluster(overrides: Sequence[str]) -> Dict[str, Any]:
+    """The resolved ``cluster`` section of the config the overrides compose."""
+    from omegaconf import OmegaConf
+
+    from launcher.config import compose
+
+    cfg = compose(list(overrides))
+    if cfg.get("cluster") is None:
+        raise BuildError(f"build needs +cluster=NAME ({', '.join(sorted(BUILD_PROFILES))})")
+    return OmegaConf.to_container(cfg.cluster, resolve=True)  # type: ignore[return-value]
+
+
+def _print_build(profile: BuildProfile, account: str, output: str, command: str) -> None:
+    """Print what to run: the machine's notes, the output folder's ``mkdir`` and the build command."""
+    for line in profile.notes:
+        print(line.replace("{account}", account))
+    print(f"mkdir -p {shlex.quote(str(Path(output).parent))}")
+    print(command)
+
+
+def _run_build(profile: BuildProfile, account: str, output: str, argv: List[str], *, here: bool) -> int:
+    """Run the build here (refused outside a Slurm job where the machine needs one, unless ``here``)."""
+    if profile.needs_job and not os.environ.get("SLURM_JOB_ID") and not here:
+        print("launcher: not inside a Slurm job: refusing to build here (run it through srun as above, or add --here)",
+              file=sys.stderr)
+        return 2
+    print("launcher: building; this shell should have run first:", file=sys.stderr)
+    for line in profile.notes:
+        if not line.startswith("#"):
+            print("  " + line.replace("{account}", account), file=sys.stderr)
+    print(" ".join(shlex.quote(a) for a in argv), file=sys.stderr)
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(argv).returncode
+
+
+def build_cli(items: Sequence[str], *, build_args: Sequence[str] = (), run: bool = False, here: bool = False) -> int:
+    """``build``: compose the config of ``items`` (overrides and ``output=PATH``), then print the build or ``run`` it.
+
+    Raises ``BuildError`` for a request that cannot work, and lets config composition errors through.
+    """
+    output, overrides = _split_output(items)
+    cluster = _compose_cluster(overrides)
+    name = str(cluster["name"])
+    profile = build_profile(name)
+    output = output or default_output(name, cluster)
+    argv = build_command(name, cluster.get("container"), recipe_dir=CONTAINERS_DIR, output=output,
+                         build_args=_parse_build_args(build_args))
+    command = " ".join(shlex.quote(a) for a in argv)
+    account = str(cluster.get("account") or "<account>")
+    if profile.needs_job:
+        example = profile.job_example.format(account=account, command=command)
+        print(LEONARDO_WARNING.format(example=example, account=account), file=sys.stderr)
+    if not run:
+        _print_build(profile, account, output, command)
+        return 0
+    return _run_build(profile, account, output, argv, here=here)

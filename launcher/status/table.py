@@ -1,0 +1,81 @@
+"""The listing's output: the aligned table and the --json document."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from typing import List, Optional, Sequence
+
+from launcher.status.runs import Run
+
+COLUMNS = ("RUN", "CLUSTER", "JOB", "STATE", "ATTEMPT", "STEP", "LOSS", "TOK/S", "ELAPSED", "EXPORT")
+_NUMERIC = {"ATTEMPT", "STEP", "LOSS", "TOK/S", "ELAPSED"}  # right-aligned
+
+
+def format_duration(seconds: Optional[float]) -> str:
+    """H:MM:SS, or D-HH:MM:SS from one day on (Slurm's style); "-" for None."""
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    clock = f"{hours}:{minutes:02d}:{secs:02d}"
+    return f"{days}-{hours:02d}:{minutes:02d}:{secs:02d}" if days else clock
+
+
+def format_rate(value: Optional[float]) -> str:
+    """950, 12.3k, 1.2M, 3.4G; "-" for None."""
+    if value is None:
+        return "-"
+    for limit, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= limit:
+            return f"{value / limit:.1f}{suffix}"
+    return f"{value:.0f}"
+
+
+def row_cells(run: Run) -> List[str]:
+    """One row's cells, in COLUMNS order."""
+    state = run.state
+    if run.reason and state == "PENDING":
+        state = f"PENDING ({run.reason})"
+    if run.step is None and run.max_steps is None:
+        step = "-"
+    else:
+        step = f"{run.step if run.step is not None else '-'}/{run.max_steps if run.max_steps is not None else '?'}"
+    return [
+        run.name,
+        run.cluster or "-",
+        run.job_id or "-",
+        state,
+        str(run.attempt) if run.attempt else "-",
+        step,
+        f"{run.loss:.4f}" if run.loss is not None else "-",
+        format_rate(run.tokens_per_s),
+        format_duration(run.elapsed_s),
+        "yes" if run.export else "-",
+    ]
+
+
+def format_table(runs: Sequence[Run]) -> str:
+    """The header and one line per run, columns aligned (numbers to the right)."""
+    rows = [list(COLUMNS)] + [row_cells(run) for run in runs]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    lines = []
+    for row in rows:
+        cells = [
+            cell.rjust(width) if name in _NUMERIC else cell.ljust(width)
+            for cell, width, name in zip(row, widths, COLUMNS)
+        ]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def to_json(runs: Sequence[Run], notes: Sequence[str]) -> str:
+    """{"runs": [every Run field plus elapsed_s], "notes": [...]}."""
+    rows = []
+    for run in runs:
+        row = asdict(run)
+        row["elapsed_s"] = run.elapsed_s
+        rows.append(row)
+    return json.dumps({"runs": rows, "notes": list(notes)}, indent=2)
