@@ -12,7 +12,7 @@ import pytest
 
 from launcher.errors import ConfigError
 from launcher.plan.job import make_plan
-from launcher.plan.fit import check_fits, memory_report
+from launcher.plan.fit import check_fits, memory_report, strategy_fits
 from login_helpers import LEONARDO_ACCOUNT, LUMI_ACCOUNT, config, run_launcher
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -57,5 +57,28 @@ def test_submission_that_does_not_fit_stops_before_sbatch(tmp_path):
     done = run_launcher(["+cluster=leonardo", LEONARDO_ACCOUNT, *EIGHT_B], cwd=tmp_path,
                         env={"PATH": f"{bin_dir}:/usr/bin:/bin"})
     assert done.returncode == 2, done.stderr
-    assert "does not fit" in done.stderr or "fits" in done.stderr
+    assert "launcher: error: strategy='ddp' is not allowed: a strategy whose estimate fits a100_64gb" in done.stderr
+    assert "recommendation: zero1" in done.stderr and "ignore_memory_estimate=true" in done.stderr
     assert not list(tmp_path.glob("*-called"))
+
+
+# One Leonardo node, llama-8b at 4096 tokens, no gradient checkpointing: zero3 needs ~59 GiB per A100 on its own,
+# ~33 GiB once the optimizer state and gradient shards live on the host.
+OFFLOAD_JOB = ["+cluster=leonardo", LEONARDO_ACCOUNT, "model=llama-8b", "train.seq_len=4096",
+               "train.micro_batch_size=1", "strategy=zero3"]
+
+
+def test_zero3_with_offload_on_one_leonardo_node_passes_the_gate():
+    cfg = config([*OFFLOAD_JOB, "strategy.offload_optimizer=true"])
+    check_fits(cfg, make_plan(cfg).world_size)
+    fits, _ = strategy_fits(cfg, make_plan(cfg).world_size)
+    zero3 = next(fit for fit in fits if fit.strategy == "zero3")
+    assert zero3.fits and zero3.estimate.optimizer == 0 and zero3.estimate.offloaded > 0
+    ddp = next(fit for fit in fits if fit.strategy == "ddp")
+    assert ddp.estimate.offloaded == 0  # ddp cannot offload: estimated as it would run
+
+
+def test_the_same_job_without_offload_is_refused():
+    cfg = config(OFFLOAD_JOB)
+    with pytest.raises(ConfigError, match=r"strategy='zero3' is not allowed.*\(5\d\.\d GiB needed per device\)"):
+        check_fits(cfg, make_plan(cfg).world_size)

@@ -30,6 +30,7 @@ def strategy_fits(cfg: Mapping[str, Any], world_size: int) -> Tuple[List[Strateg
         gradient_checkpointing=cfg["model"]["gradient_checkpointing"], lora_params=lora, precision=precision,
         # Training uses PyTorch SDPA, which takes the flash / memory-efficient kernels on GPUs.
         flash_attention=on_gpu,
+        offload_optimizer=cfg["strategy"]["offload_optimizer"], offload_params=cfg["strategy"]["offload_params"],
     )
     return fits, device
 

@@ -343,6 +343,8 @@ def estimate_memory(
     if offload_params:
         offloaded += parameters
         parameters = 0
+    if offloaded:
+        notes.append("offload: the moved states are in host memory, not in the device totals")
 
     if stage == 3 and shape is not None:
         # The module being computed is gathered whole (and, when trainable, its full gradient before the
@@ -410,8 +412,13 @@ def plan_strategies(
     lora_params: int | None = None,
     precision: str = "bf16",
     flash_attention: bool = False,
+    offload_optimizer: bool = False,
+    offload_params: bool = False,
 ) -> list[StrategyFit]:
     """Every strategy of ``STRATEGIES`` (in that order) estimated for ``shape`` on ``world_size`` ``device``s.
+
+    The offload flags apply to each strategy as far as it can offload (ddp nothing, zero1/zero2 the optimizer,
+    zero3/fsdp also the parameters), so the table shows what the job would really hold.
 
     ``margin`` is the fraction of device memory a plan may use: the rest is left for what the estimate does
     not model (allocator fragmentation, NCCL/RCCL buffers, CUDA/HIP context, framework buckets).
@@ -421,6 +428,7 @@ def plan_strategies(
     usable = int(margin * device.memory_bytes)
     fits = []
     for strategy in STRATEGIES:
+        spec = strategy_spec(strategy)
         estimate = estimate_for_model(
             shape,
             strategy,
@@ -431,6 +439,8 @@ def plan_strategies(
             precision=precision,
             lora_params=lora_params,
             flash_attention=flash_attention,
+            offload_optimizer=offload_optimizer and spec.can_offload_optimizer,
+            offload_params=offload_params and spec.can_offload_params,
         )
         fits.append(StrategyFit(strategy, estimate, estimate.total <= usable, usable, margin))
     return fits
