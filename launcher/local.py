@@ -8,7 +8,9 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, List, Mapping
+from typing import List
+
+from launcher.config.schema import LauncherConfig
 
 from launcher.errors import ConfigError
 
@@ -30,11 +32,11 @@ def visible_gpus() -> int:
     return 0
 
 
-def processes_per_node(cfg: Mapping[str, Any]) -> int:
-    return cfg["nproc_per_node"] or max(1, visible_gpus())
+def processes_per_node(cfg: LauncherConfig) -> int:
+    return cfg.nproc_per_node or max(1, visible_gpus())
 
 
-def local_command(cfg: Mapping[str, Any], run_dir: Path) -> List[str]:
+def local_command(cfg: LauncherConfig, run_dir: Path) -> List[str]:
     nproc = processes_per_node(cfg)
     return [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
@@ -46,7 +48,7 @@ def describe(command: List[str]) -> str:
     return " ".join(shlex.quote(part) for part in command)
 
 
-def run_local(cfg: Mapping[str, Any], run_dir: Path) -> int:
+def run_local(cfg: LauncherConfig, run_dir: Path) -> int:
     """Train in this terminal; Ctrl-C or SIGTERM reaches every rank, which checkpoint before exiting."""
     if importlib.util.find_spec("torch") is None:
         raise ConfigError(

@@ -9,15 +9,21 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Sequence
 
-from launcher.config import compose
-from launcher.config.schema import as_container
+from launcher.config import compose, load
+from launcher.config.schema import LauncherConfig, as_container
 
 REPO = Path(__file__).resolve().parents[1]
 LUMI_ACCOUNT = "cluster.account=project_465000123"
 LEONARDO_ACCOUNT = "cluster.account=EUHPC_D35_189"
 
 
-def config(overrides: Sequence[str]) -> Dict[str, Any]:
+def config(overrides: Sequence[str]) -> LauncherConfig:
+    """The config a run with these overrides really gets: composed, validated and typed, as the command line does."""
+    return load(overrides)
+
+
+def composed(overrides: Sequence[str]) -> Dict[str, Any]:
+    """The composed tree before validation (for the tests of validation itself)."""
     return as_container(compose(overrides))
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from launcher.plan.job import make_plan
-from launcher.summary import cluster_summary, planned_attention
+from launcher.plan.summary import cluster_summary, planned_attention
 from launcher.train import attention_probe as A
 from launcher.train.attention_probe import AttentionProbe, KernelCheck, attention_findings, record_findings
 from login_helpers import LEONARDO_ACCOUNT, LUMI_ACCOUNT, REPO, config
@@ -281,4 +281,4 @@ def test_summary_line_matches_what_the_memory_plan_counted(monkeypatch, cluster)
     M.strategy_fits(cfg, 2)
     flash = captured["flash_attention"]
     assert planned_attention(cfg).startswith("flash" if flash else "eager")
-    assert A.planner_assumes_flash(cfg["cluster"]["device"]) == flash
+    assert A.planner_assumes_flash(cfg.cluster.device) == flash

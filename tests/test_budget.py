@@ -17,7 +17,7 @@ MATMUL_8B = 8_030_261_248 - EMBEDDING_8B  # the input embedding is a lookup, not
 
 def test_flops_per_token_is_6n_plus_attention_as_the_job_counts_it():
     cfg = config(["model=llama-8b"])
-    shape = model_shape(cfg["model"])
+    shape = model_shape(cfg.model)
     assert shape.n_params() == 8_030_261_248  # Llama-3.1-8B
     assert flops_for_shape(shape, 4096) == 6 * MATMUL_8B + 12 * 32 * 4096 * 4096
     # LoRA: the adapters take part in the matmuls; weight gradients only for them.

@@ -8,7 +8,6 @@ from hydra.errors import ConfigCompositionException
 from launcher.config.strategies import STRATEGY_NAMES as STRATEGIES
 from launcher.plan.job import make_plan
 from launcher.slurm.render import render_script
-from launcher.config.validation import validate
 from login_helpers import LEONARDO_ACCOUNT, LUMI_ACCOUNT, config
 
 CLUSTERS = {"lumi": [LUMI_ACCOUNT], "leonardo": [LEONARDO_ACCOUNT], "local_slurm": [], None: []}
@@ -21,9 +20,8 @@ def test_every_combination_composes_validates_and_renders(cluster, strategy, pef
     overrides = [f"strategy={strategy}", f"peft={peft}", "output_dir=/tmp/launcher-compose-test"]
     if cluster:
         overrides += [f"+cluster={cluster}", *CLUSTERS[cluster]]
-    cfg = config(overrides)
-    validate(cfg)
-    assert cfg["strategy"]["name"] == strategy and cfg["peft"]["name"] == peft
+    cfg = config(overrides)  # composed, validated and typed, as the command line does
+    assert cfg.strategy.name == strategy and cfg.peft.name == peft
     if cluster:
         script = render_script(cfg, make_plan(cfg))
         assert script.startswith("#!/bin/bash")
@@ -33,9 +31,9 @@ def test_every_combination_composes_validates_and_renders(cluster, strategy, pef
 @pytest.mark.parametrize("model", ["tiny", "llama-1b", "llama-8b", "mistral-7b"])
 def test_model_presets_compose(model):
     cfg = config([f"model={model}"])
-    assert cfg["model"]["name"] == model
-    assert cfg["model"]["pretrained"] is None
-    assert cfg["model"]["hidden_size"] % cfg["model"]["num_heads"] == 0
+    assert cfg.model.name == model
+    assert cfg.model.pretrained is None
+    assert cfg.model.hidden_size % cfg.model.num_heads == 0
 
 
 @pytest.mark.parametrize(
@@ -55,13 +53,13 @@ def test_schema_rejects_misspelled_keys_and_wrong_types(override, key):
 
 def test_keys_added_with_plus_are_checked_against_the_schema():
     from launcher.errors import ConfigError
-    from launcher.config.validation import validate
-
+    
     with pytest.raises(ConfigError) as error:
-        validate(config(["+train.max_stepz=3"]))
+        config(["+train.max_stepz=3"])
     assert error.value.field == "train.max_stepz" and "train.max_steps" in str(error.value)
     # Free-form maps (cluster.env, cluster.sbatch_extra) accept new keys.
-    validate(config(["+cluster=local_slurm", "+cluster.env.MY_FLAG=1", "+cluster.sbatch_extra.constraint=x"]))
+    cfg = config(["+cluster=local_slurm", "+cluster.env.MY_FLAG=1", "+cluster.sbatch_extra.constraint=x"])
+    assert cfg.cluster.env["MY_FLAG"] == "1" and cfg.cluster.sbatch_extra == {"constraint": "x"}
 
 
 def test_cluster_key_without_cluster_says_what_to_add():
@@ -82,8 +80,8 @@ def test_cluster_key_misspelled_is_named():
 def test_data_paths_resolve_to_bundled_examples():
     for data in ("corpus", "text", "instruction", "chat"):
         cfg = config([f"data={data}"])
-        assert cfg["data"]["path"].startswith("/") and cfg["data"]["format"]
+        assert cfg.data.path.startswith("/") and cfg.data.format
 
 
 def test_run_name_defaults_to_model_strategy_peft():
-    assert config(["strategy=zero2", "peft=lora"])["run_name"] == "tiny-zero2-lora"
+    assert config(["strategy=zero2", "peft=lora"]).run_name == "tiny-zero2-lora"

@@ -19,6 +19,8 @@ except ImportError:  # Python 3.10
 from pathlib import Path
 
 import pytest
+
+from launcher.config.schema import ClusterConfig, ContainerConfig
 from packaging.requirements import Requirement
 
 from launcher.container import batch_setup_lines, command_prefix
@@ -68,7 +70,7 @@ def test_recipe_header_and_sections(recipes, name, bootstrap, source):
 def test_lumi_base_image_is_the_lumi_pytorch_image_of_the_cluster_profile(recipes):
     assert recipes["lumi"].arguments["BASE_IMAGE"] == LUMI_BASE
     # The profile runs the image built from this recipe (the bare base image lacks submitit, peft and the project).
-    image = config(["+cluster=lumi", "cluster.account=project_465000123"])["cluster"]["container"]["image"]
+    image = config(["+cluster=lumi", "cluster.account=project_465000123"]).cluster.container.image
     assert image == "/project/project_465000123/containers/launcher-lumi.sif"
     # sif-images entries are symlinks that change: the recipe says so and says to copy the image.
     arguments = recipes["lumi"].sections["arguments"]
@@ -168,7 +170,7 @@ GOLDEN_CASES = {
 
 
 def rendered(overrides, run_dir):
-    cluster = config(overrides)["cluster"]
+    cluster = config(overrides).cluster
     command = command_prefix(cluster, code_dir=Path("/opt/launcher-src"), paths=[Path(run_dir)])
     return ("# srun payload: this, then -u -m submitit.core._submit <folder>\n" + command + "\n\n"
             + "# batch-script setup, after every other export\n" + "\n".join(batch_setup_lines(cluster)) + "\n")
@@ -181,8 +183,8 @@ def test_golden_container_command(name):
 
 
 def test_lumi_command_binds_the_machine_and_the_checkout():
-    cluster = config(["+cluster=lumi", LUMI_ACCOUNT])["cluster"]
-    argv = exec_command(cluster["container"], code_dir=Path("/users/me/launcher"),
+    cluster = config(["+cluster=lumi", LUMI_ACCOUNT]).cluster
+    argv = exec_command(cluster.container, code_dir=Path("/users/me/launcher"),
                         paths=[Path("/scratch/project_465000123/runs/a")])
     assert argv[:2] == ["singularity", "exec"] and "--nv" not in argv
     binds = argv[argv.index("--bind") + 1].split(",")
@@ -194,7 +196,7 @@ def test_lumi_command_binds_the_machine_and_the_checkout():
 
 
 def test_leonardo_command_uses_nv_and_binds_uncovered_paths_once():
-    container = config(["+cluster=leonardo", LEONARDO_ACCOUNT])["cluster"]["container"]
+    container = config(["+cluster=leonardo", LEONARDO_ACCOUNT]).cluster.container
     argv = exec_command(container, code_dir=None, paths=["/leonardo_work/x/runs/a", "/tmp/data/", "/tmp/data"])
     assert argv[2] == "--nv"
     assert argv[argv.index("--bind") + 1] == "/leonardo_scratch,/leonardo,/leonardo_work,/tmp/data"
@@ -202,46 +204,47 @@ def test_leonardo_command_uses_nv_and_binds_uncovered_paths_once():
 
 
 def test_container_python_may_carry_arguments():
-    container = {"runtime": "apptainer", "image": "/i.sif", "binds": [], "python": "python3 -X faulthandler"}
+    container = ContainerConfig(runtime="apptainer", image="/i.sif", binds=[], python="python3 -X faulthandler")
     assert exec_command(container, code_dir=None)[-4:] == ["/i.sif", "python3", "-X", "faulthandler"]
 
 
 @pytest.mark.parametrize("path", ["/data,x", "/data:/elsewhere", "relative/dir", "/a\nb"])
 def test_paths_that_cannot_be_bound_are_refused(path):
-    container = {"runtime": "singularity", "image": "/i.sif", "binds": ["/scratch"], "python": "python"}
+    container = ContainerConfig(runtime="singularity", image="/i.sif", binds=["/scratch"], python="python")
     with pytest.raises(ValueError):
         exec_command(container, code_dir=Path(path))
 
 
 def test_a_bind_with_another_destination_does_not_cover_its_source():
-    container = {"runtime": "singularity", "image": "/i.sif", "binds": ["/pfs/lustre1:/data"], "python": "python"}
+    container = ContainerConfig(runtime="singularity", image="/i.sif", binds=["/pfs/lustre1:/data"], python="python")
     argv = exec_command(container, code_dir=None, paths=["/pfs/lustre1/runs"])
     assert argv[argv.index("--bind") + 1] == "/pfs/lustre1:/data,/pfs/lustre1/runs"
 
 
 def test_setup_lines_forward_names_never_values(monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_secret_value")
-    cluster = config(["+cluster=lumi", LUMI_ACCOUNT])["cluster"]
+    cluster = config(["+cluster=lumi", LUMI_ACCOUNT]).cluster
     names = forwarded_env_names(cluster)
     assert names[:2] == ["MASTER_ADDR", "MASTER_PORT"] and "HF_TOKEN" in names and "WANDB_API_KEY" in names
     assert "NCCL_SOCKET_IFNAME" in names and "FI_CXI_DEFAULT_CQ_SIZE" in names  # cluster.env keys
     text = "\n".join(batch_setup_lines(cluster))
     assert "hf_secret_value" not in text and "hsn0" not in text
     assert 'export "SINGULARITYENV_${launcher_var}=${!launcher_var}"' in text
-    assert batch_setup_lines(config(["+cluster=local_slurm"])["cluster"]) == []
+    assert batch_setup_lines(config(["+cluster=local_slurm"]).cluster) == []
     with pytest.raises(ValueError):
-        setup_lines(cluster["container"], ["OK", "BAD;rm -rf /"])
+        setup_lines(cluster.container, ["OK", "BAD;rm -rf /"])
 
 
 def test_apptainer_runtime_uses_apptainer_variables():
-    lines = "\n".join(setup_lines({"runtime": "/usr/bin/apptainer", "binds": []}, ["MASTER_ADDR"]))
+    lines = "\n".join(setup_lines(ContainerConfig(runtime="/usr/bin/apptainer", image="/i.sif"), ["MASTER_ADDR"]))
     assert "APPTAINERENV_" in lines and 'APPTAINER_BIND="${APPTAINER_BIND:+$APPTAINER_BIND,}$HF_HOME"' in lines
     assert "SINGULARITY" not in lines
 
 
 def test_without_a_container_the_profile_python_is_used():
-    assert command_prefix({"container": None, "python": "/opt/venv/bin/python"}, code_dir=None) == "/opt/venv/bin/python"
-    assert command_prefix({"container": None, "python": None}, code_dir=None) == shlex.quote(sys.executable)
+    plain = ClusterConfig(name="x", partition="p", python="/opt/venv/bin/python")
+    assert command_prefix(plain, code_dir=None) == "/opt/venv/bin/python"
+    assert command_prefix(ClusterConfig(name="x", partition="p"), code_dir=None) == shlex.quote(sys.executable)
 
 
 # --- a stand-in apptainer: the wrapper passes binds and environment through ------------------------------------
@@ -303,11 +306,11 @@ def run_through_stand_in(tmp_path, runtime, *, hf_home):
     image.write_text("not really an image")
     run_dir = tmp_path / "runs" / "demo"
     run_dir.mkdir(parents=True)
-    cluster = {
-        "env": {"HF_HUB_OFFLINE": "0", "NCCL_SOCKET_IFNAME": "hsn0,hsn1"},
-        "container": {"runtime": runtime, "image": str(image), "gpu_flag": "--rocm", "binds": [str(machine)],
-                      "python": sys.executable},
-    }
+    cluster = ClusterConfig(
+        name="stand-in", partition="p", env={"HF_HUB_OFFLINE": "0", "NCCL_SOCKET_IFNAME": "hsn0,hsn1"},
+        container=ContainerConfig(runtime=runtime, image=str(image), gpu_flag="--rocm", binds=[str(machine)],
+                                  python=sys.executable),
+    )
     script = "\n".join([
         "#!/bin/bash",
         # What the setup before ours exports (common_setup.sh, cluster.env, the machine template):
@@ -371,7 +374,7 @@ def test_stand_in_hf_home_under_a_machine_bind_is_not_bound_again(tmp_path):
 
 
 def test_build_command_lumi():
-    container = config(["+cluster=lumi", LUMI_ACCOUNT])["cluster"]["container"]
+    container = config(["+cluster=lumi", LUMI_ACCOUNT]).cluster.container
     argv = build_command("lumi", container, recipe_dir=RECIPES, output="/project/project_465000123/c/l.sif",
                          build_args={"BASE_IMAGE": "/project/project_465000123/c/base.sif"})
     assert argv == ["singularity", "build", "--build-arg", f"PROJECT_DIR={REPO}",
@@ -380,7 +383,7 @@ def test_build_command_lumi():
 
 
 def test_build_command_leonardo():
-    container = config(["+cluster=leonardo", LEONARDO_ACCOUNT])["cluster"]["container"]
+    container = config(["+cluster=leonardo", LEONARDO_ACCOUNT]).cluster.container
     argv = build_command("leonardo", container, recipe_dir=RECIPES, output="/leonardo_work/X/l.sif")
     assert argv == ["singularity", "build", "--fakeroot", "--build-arg", f"PROJECT_DIR={REPO}",
                     "/leonardo_work/X/l.sif", str(RECIPES / "leonardo.def")]
@@ -468,7 +471,8 @@ def test_module_imports_no_training_stack(tmp_path):
         (poison / name / "__init__.py").write_text(f"raise ImportError('login path imported {name}')\n")
     code = ("import launcher.container as c; from pathlib import Path; "
             "import launcher.container.build, launcher.container.check, launcher.container.recipe; "
-            "print(c.command_prefix({'container': {'runtime': 'singularity', 'image': '/i.sif', 'binds': []}}, "
+            "from launcher.config.schema import ClusterConfig, ContainerConfig; "
+            "print(c.command_prefix(ClusterConfig(name='x', partition='p', container=ContainerConfig(image='/i.sif')), "
             "code_dir=Path('/src')))")
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHONPATH": os.pathsep.join([str(poison), str(REPO)])})

@@ -5,6 +5,7 @@ Regenerate: UPDATE_GOLDEN=1 python -m pytest tests/test_memory_check.py, then re
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def test_ddp_8b_does_not_fit_and_is_refused_with_the_table():
     message = str(error.value)
     assert error.value.field == "strategy" and "ddp" in message
     assert "recommendation: zero1" in message and "ignore_memory_estimate=true" in message
-    check_fits({**cfg, "ignore_memory_estimate": True}, 4)  # the explicit override
+    check_fits(dataclasses.replace(cfg, ignore_memory_estimate=True), 4)  # the explicit override
     check_fits(config(["+cluster=leonardo", LEONARDO_ACCOUNT, "strategy=zero3", *EIGHT_B]), 4)
 
 

@@ -13,7 +13,6 @@ import pytest
 import launcher.slurm.render
 from launcher.plan.job import make_plan
 from launcher.slurm.render import render_script
-from launcher.config.validation import validate
 from login_helpers import assert_matches_golden, LEONARDO_ACCOUNT, LUMI_ACCOUNT, config
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -39,7 +38,6 @@ def fixed_code_dir(monkeypatch):
 
 def rendered(overrides):
     cfg = config(overrides)
-    validate(cfg)
     return render_script(cfg, make_plan(cfg))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -49,11 +50,11 @@ def test_hostile_run_name_and_paths_run_nothing(tmp_path, template):
     value = template.format(pwn=pwn)
     output_dir = tmp_path / value.replace("/", "_")
     cfg = config(["+cluster=local_slurm"])
-    cfg["run_name"] = value.replace("/", "_")
-    cfg["output_dir"] = str(output_dir)
-    cfg["cluster"]["env"]["LABEL"] = value
-    cfg["cluster"]["partition"] = "debug"
-    validate(cfg)
+    cfg.run_name = value.replace("/", "_")
+    cfg.output_dir = str(output_dir)
+    cfg.cluster.env["LABEL"] = value
+    cfg.cluster.partition = "debug"
+    validate(dataclasses.asdict(cfg))
     plan = make_plan(cfg)
     script = tmp_path / "job.sh"
     script.write_text(render_script(cfg, plan))
@@ -82,7 +83,7 @@ def test_newline_in_run_name_is_refused_before_rendering():
     from launcher.errors import ConfigError
 
     with pytest.raises(ConfigError):
-        validate(config(["run_name='ok\ntouch /tmp/pwned'"]))
+        config(["run_name='ok\ntouch /tmp/pwned'"])
 
 
 def test_dry_run_imports_no_training_stack(tmp_path):

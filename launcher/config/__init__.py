@@ -9,6 +9,8 @@ from launcher.paths import CONF_DIR, example_file
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
+    from launcher.config.schema import LauncherConfig
+
 __all__ = ["compose", "setup_hydra", "check_overrides"]
 # Imports of omegaconf/hydra stay inside the functions: launcher.config.strategies is read by the job and the
 # planner, which must not pay for them.
@@ -48,3 +50,24 @@ def compose(overrides: Sequence[str] = ()) -> "DictConfig":
     check_overrides(overrides)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=list(overrides))
+
+
+def to_typed(cfg: "DictConfig", **replace: object) -> "LauncherConfig":
+    """The composed config as the schema's dataclasses (resolved; ``replace`` sets top-level fields). Convert once,
+    after validation, then pass sections (``cfg.cluster``, ``cfg.train``) on."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    typed = OmegaConf.to_object(cfg)
+    return dataclasses.replace(typed, **replace) if replace else typed  # type: ignore[arg-type,return-value]
+
+
+def load(overrides: Sequence[str] = ()) -> "LauncherConfig":
+    """Compose, check and validate as the command line does, then convert: the config a run really gets."""
+    from launcher.config.schema import as_container
+    from launcher.config.validation import validate
+
+    composed = compose(overrides)
+    validate(as_container(composed))
+    return to_typed(composed)

@@ -89,6 +89,27 @@ class ClusterConfig:
     # Extra #SBATCH options (name without dashes -> value), for what the schema does not cover.
     sbatch_extra: Dict[str, str] = field(default_factory=dict)
     exclude_nodes: Optional[str] = None
+    # All-reduce bus bandwidth the preflight expects (GB/s, nccl-tests' definition); None: no bandwidth check.
+    expected_busbw_gbps: Optional[float] = None
+
+    @property
+    def gpus_requested(self) -> int:
+        return requested_gpus(self.gpus_per_node, self.gpus_per_node_requested)
+
+    @property
+    def tasks(self) -> int:
+        """Tasks (ranks) per node."""
+        return tasks_on_node(self.tasks_per_node, self.gpus_requested)
+
+
+def requested_gpus(gpus_per_node: int, requested: Optional[int]) -> int:
+    """GPUs a job asks for on each node: all of them unless ``gpus_per_node_requested`` says otherwise."""
+    return gpus_per_node if requested is None else requested
+
+
+def tasks_on_node(tasks_per_node: Optional[int], gpus: int) -> int:
+    """One task per requested GPU (at least one) unless ``tasks_per_node`` is set."""
+    return tasks_per_node if tasks_per_node is not None else max(1, gpus)
 
 
 @dataclass

@@ -14,7 +14,7 @@ from typing import Any, Dict, Iterator, Mapping
 import dataclasses
 import typing
 
-from launcher.config.schema import DATA_FORMATS, PEFT_METHODS, LauncherConfig
+from launcher.config.schema import DATA_FORMATS, PEFT_METHODS, LauncherConfig, requested_gpus, tasks_on_node
 from launcher.config.strategies import STRATEGIES, STRATEGY_NAMES
 from launcher.errors import ConfigError
 from launcher.secrets import is_secret_name, looks_like_token
@@ -130,19 +130,19 @@ def _check_training(cfg: Mapping[str, Any]) -> None:
         raise ConfigError("nodes", cfg["nodes"], "an integer >= 1")
 
 
-def apply_global_batch(cfg: Dict[str, Any], world_size: int) -> Dict[str, Any]:
+def apply_global_batch(cfg: LauncherConfig, world_size: int) -> LauncherConfig:
     """With train.global_batch_size set, derive train.grad_accum for this world size (strong scaling)."""
-    train = cfg["train"]
-    target = train["global_batch_size"]
+    train = cfg.train
+    target = train.global_batch_size
     if target is None:
         return cfg
-    per_step = train["micro_batch_size"] * world_size
+    per_step = train.micro_batch_size * world_size
     if target < per_step or target % per_step:
         raise ConfigError(
             "train.global_batch_size", target,
-            f"a multiple of train.micro_batch_size x world size = {train['micro_batch_size']} x {world_size}",
+            f"a multiple of train.micro_batch_size x world size = {train.micro_batch_size} x {world_size}",
         )
-    return {**cfg, "train": {**train, "grad_accum": target // per_step}}
+    return dataclasses.replace(cfg, train=dataclasses.replace(train, grad_accum=target // per_step))
 
 
 def _check_input_paths(cfg: Mapping[str, Any]) -> None:
@@ -223,13 +223,13 @@ def _check_node_shape(cluster: Mapping[str, Any]) -> None:
 
 
 def gpus_requested(cluster: Mapping[str, Any]) -> int:
-    requested = cluster["gpus_per_node_requested"]
-    return cluster["gpus_per_node"] if requested is None else requested
+    """``ClusterConfig.gpus_requested`` for the not yet typed input."""
+    return requested_gpus(cluster["gpus_per_node"], cluster["gpus_per_node_requested"])
 
 
 def tasks_per_node(cluster: Mapping[str, Any]) -> int:
-    tasks = cluster["tasks_per_node"]
-    return tasks if tasks is not None else max(1, gpus_requested(cluster))
+    """``ClusterConfig.tasks`` for the not yet typed input."""
+    return tasks_on_node(cluster["tasks_per_node"], gpus_requested(cluster))
 
 
 def _one_of(field: str, value: Any, allowed: tuple, hint: str = "") -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from launcher.config.schema import ClusterConfig, ContainerConfig
 from launcher.container.exec import ENV_NAME
 from launcher.container.recipe import read_recipe
 from launcher.paths import CONTAINERS_DIR
@@ -87,7 +88,7 @@ def build_profile(cluster_name: str) -> BuildProfile:
     return profile
 
 
-def build_command(cluster_name: str, container: Optional[Mapping[str, Any]], *, recipe_dir: Path, output: Any,
+def build_command(cluster_name: str, container: Optional[ContainerConfig], *, recipe_dir: Path, output: Any,
                   build_args: Optional[Mapping[str, str]] = None, project_dir: Optional[Path] = None) -> List[str]:
     """``[runtime, "build", flags..., "--build-arg", "PROJECT_DIR=<checkout>", ..., output, recipe]``.
 
@@ -106,7 +107,7 @@ def build_command(cluster_name: str, container: Optional[Mapping[str, Any]], *, 
     unknown = sorted(set(extra) - set(recipe.arguments))
     if unknown:
         raise BuildError(f"{profile.recipe} has no argument {', '.join(unknown)} (it has: {', '.join(sorted(recipe.arguments))})")
-    runtime = str((container or {}).get("runtime") or "singularity")
+    runtime = container.runtime if container is not None else "singularity"
     args = [runtime, "build", *profile.flags, "--build-arg", f"PROJECT_DIR={project}"]
     for key, value in extra.items():
         if key != "PROJECT_DIR":
@@ -114,16 +115,16 @@ def build_command(cluster_name: str, container: Optional[Mapping[str, Any]], *, 
     return args + [str(output), str(recipe_path)]
 
 
-def default_output(cluster_name: str, cluster: Mapping[str, Any]) -> str:
+def default_output(cluster_name: str, cluster: ClusterConfig) -> str:
     """Where the image goes without ``output=``: the profile's ``container.image`` unless that is read-only (LUMI's
     ``/appl`` base images), else the machine's project location."""
     profile = build_profile(cluster_name)
-    image = str(((cluster.get("container") or {}).get("image")) or "")
+    image = cluster.container.image if cluster.container is not None else ""
     # A profile image interpolated from a missing account reads ".../None/...": not a place to build into.
     if image and not image.startswith(profile.read_only_prefixes) and "/None/" not in image:
         return image
-    if profile.default_output and cluster.get("account"):
-        return profile.default_output.format(account=cluster["account"])
+    if profile.default_output and cluster.account:
+        return profile.default_output.format(account=cluster.account)
     example = (profile.default_output or "/path/to/launcher-{account}.sif").format(account="<account>")
     raise BuildError(f"cluster.container.image={image or None!r} is not writable: pass output={example}"
                      + (" or cluster.account=<account>" if profile.default_output else ""))
@@ -155,16 +156,14 @@ def _split_output(items: Sequence[str]) -> Tuple[Optional[str], List[str]]:
     return output, overrides
 
 
-def _compose_cluster(overrides: Sequence[str]) -> Dict[str, Any]:
-    """The resolved ``cluster`` section of the config the overrides compose."""
-    from omegaconf import OmegaConf
+def _compose_cluster(overrides: Sequence[str]) -> ClusterConfig:
+    """The resolved, typed ``cluster`` section of the config the overrides compose."""
+    from launcher.config import compose, to_typed
 
-    from launcher.config import compose
-
-    cfg = compose(list(overrides))
-    if cfg.get("cluster") is None:
+    cluster = to_typed(compose(list(overrides))).cluster
+    if cluster is None:
         raise BuildError(f"build needs +cluster=NAME ({', '.join(sorted(BUILD_PROFILES))})")
-    return OmegaConf.to_container(cfg.cluster, resolve=True)  # type: ignore[return-value]
+    return cluster
 
 
 def _print_build(profile: BuildProfile, account: str, output: str, command: str) -> None:
@@ -197,13 +196,13 @@ def build_cli(items: Sequence[str], *, build_args: Sequence[str] = (), run: bool
     """
     output, overrides = _split_output(items)
     cluster = _compose_cluster(overrides)
-    name = str(cluster["name"])
+    name = cluster.name
     profile = build_profile(name)
     output = output or default_output(name, cluster)
-    argv = build_command(name, cluster.get("container"), recipe_dir=CONTAINERS_DIR, output=output,
+    argv = build_command(name, cluster.container, recipe_dir=CONTAINERS_DIR, output=output,
                          build_args=_parse_build_args(build_args))
     command = " ".join(shlex.quote(a) for a in argv)
-    account = str(cluster.get("account") or "<account>")
+    account = cluster.account or "<account>"
     if profile.needs_job:
         example = profile.job_example.format(account=account, command=command)
         print(LEONARDO_WARNING.format(example=example, account=account), file=sys.stderr)

@@ -34,8 +34,9 @@ import re
 import shlex
 import sys
 from pathlib import Path
-from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Iterable, List, Optional, Sequence, Tuple
 
+from launcher.config.schema import ClusterConfig, ContainerConfig
 from launcher.rundir import ENV_ATTEMPT, ENV_MAX_REQUEUES, ENV_RUN_DIR, ENV_SIGNAL_LEAD_S
 
 # Forwarded into the container by name, besides the keys of cluster.env.
@@ -98,7 +99,7 @@ def covered(path: str, binds: Iterable[str]) -> bool:
     return any(path == src or path.startswith(src.rstrip("/") + "/") for src in _same_path_sources(binds))
 
 
-def exec_command(container: Mapping[str, Any], *, code_dir: Optional[Path], paths: Sequence[Any] = ()) -> List[str]:
+def exec_command(container: ContainerConfig, *, code_dir: Optional[Path], paths: Sequence[Any] = ()) -> List[str]:
     """The argv that starts the container's python: ``[runtime, "exec", gpu_flag?, "--bind", ..., "--env",
     "PYTHONPATH=<code_dir>"?, image, *python]``.
 
@@ -106,10 +107,10 @@ def exec_command(container: Mapping[str, Any], *, code_dir: Optional[Path], path
     other host paths the task reads or writes (the run directory, data), bound when no configured bind covers
     them. ``container.python`` is split like a shell word list (``"python3 -X faulthandler"`` works).
     """
-    args = [str(container["runtime"]), "exec"]
-    if container.get("gpu_flag"):
-        args.append(str(container["gpu_flag"]))
-    binds = [str(b) for b in container.get("binds") or ()]
+    args = [str(container.runtime), "exec"]
+    if container.gpu_flag:
+        args.append(str(container.gpu_flag))
+    binds = [str(b) for b in container.binds]
     for spec in binds:
         if "," in spec or any(ord(c) < 32 for c in spec):
             raise ValueError(f"cluster.container.binds entry {spec!r}: one path per entry, no commas")
@@ -122,7 +123,7 @@ def exec_command(container: Mapping[str, Any], *, code_dir: Optional[Path], path
         args += ["--bind", ",".join(binds)]
     if code_dir is not None:
         args += ["--env", f"PYTHONPATH={extra[0]}"]
-    args += [str(container["image"]), *shlex.split(str(container.get("python") or "python"))]
+    args += [str(container.image), *shlex.split(container.python or "python")]
     return args
 
 
@@ -161,11 +162,11 @@ def _bind_lines(prefix: str, var: str, covered_patterns: str) -> List[str]:
     ]
 
 
-def setup_lines(container: Mapping[str, Any], env_names: Sequence[str], *,
+def setup_lines(container: ContainerConfig, env_names: Sequence[str], *,
                 bind_vars: Sequence[str] = BIND_VARS) -> List[str]:
     """Batch-script lines (bash, outside the container, after every export they forward) that pass ``env_names``
     into the container by name and bind the directories named by ``bind_vars`` when not covered."""
-    prefix = env_prefix(str(container["runtime"]))
+    prefix = env_prefix(str(container.runtime))
     names: List[str] = []
     for name in [*env_names, *bind_vars]:
         if not ENV_NAME.match(name):
@@ -173,32 +174,32 @@ def setup_lines(container: Mapping[str, Any], env_names: Sequence[str], *,
         if name not in names:
             names.append(name)
     lines = [_BANNER, *_forward_lines(prefix, names)]
-    sources = _same_path_sources(str(b) for b in container.get("binds") or ())
+    sources = _same_path_sources(str(b) for b in container.binds)
     covered_patterns = "|".join(f"{shlex.quote(s)}|{shlex.quote(s)}/*" for s in sources if s != "/")
     for var in bind_vars:
         lines += _bind_lines(prefix, var, covered_patterns)
     return lines
 
 
-def forwarded_env_names(cluster: Mapping[str, Any]) -> List[str]:
+def forwarded_env_names(cluster: ClusterConfig) -> List[str]:
     """What ``setup_lines`` forwards for a cluster profile: ``FORWARDED_ENV`` and the keys of ``cluster.env``."""
     names = list(FORWARDED_ENV)
-    for name in (cluster.get("env") or {}):
+    for name in cluster.env:
         if name not in names:
             names.append(str(name))
     return names
 
 
-def batch_setup_lines(cluster: Mapping[str, Any]) -> List[str]:
+def batch_setup_lines(cluster: ClusterConfig) -> List[str]:
     """The container's setup lines for a cluster profile; none without a container."""
-    container = cluster.get("container")
+    container = cluster.container
     return setup_lines(container, forwarded_env_names(cluster)) if container else []
 
 
-def command_prefix(cluster: Mapping[str, Any], *, code_dir: Optional[Path], paths: Sequence[Any] = ()) -> str:
+def command_prefix(cluster: ClusterConfig, *, code_dir: Optional[Path], paths: Sequence[Any] = ()) -> str:
     """The shell text srun starts on each task (followed by ``-u -m submitit.core._submit <folder>``): the
     container's python, or without a container ``cluster.python`` as written, else this interpreter."""
-    container = cluster.get("container")
+    container = cluster.container
     if not container:
-        return cluster.get("python") or shlex.quote(sys.executable)
+        return cluster.python or shlex.quote(sys.executable)
     return " ".join(shlex.quote(arg) for arg in exec_command(container, code_dir=code_dir, paths=paths))

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+
+from launcher.config.schema import LauncherConfig
 
 from launcher.plan.job import JobPlan, billing_units
 from launcher.plan.fit import model_shape
 from launcher.plan import ModelShape, get_device
 from launcher.plan.flops import flops_for_shape
-from launcher.summary import UNIT_NAMES
+from launcher.plan.summary import UNIT_NAMES
 
 
 @dataclass(frozen=True)
@@ -28,24 +29,24 @@ class Budget:
                 f"{self.billing:,.0f} {UNIT_NAMES[self.billing_unit]}")
 
 
-def estimate_budget(cfg: Mapping[str, Any], plan: JobPlan) -> Budget | None:
-    budget = cfg["budget"]
-    if not budget["tokens"]:
+def estimate_budget(cfg: LauncherConfig, plan: JobPlan) -> Budget | None:
+    budget = cfg.budget
+    if not budget.tokens:
         return None
-    if budget["tokens_per_s_per_device"]:
-        per_device, source = budget["tokens_per_s_per_device"], "measured"
+    if budget.tokens_per_s_per_device:
+        per_device, source = budget.tokens_per_s_per_device, "measured"
     else:
-        shape = model_shape(cfg["model"])
-        peft = cfg["peft"]
-        trainable = (shape.lora_params(peft["r"], target_modules=tuple(peft["target_modules"]))
-                     if peft["name"] == "lora" else None)
-        peak = get_device(cfg["cluster"]["device"]).peak_bf16_tflops * 1e12
-        per_device = budget["mfu"] * peak / flops_for_shape(shape, cfg["train"]["seq_len"], trainable)
-        source = f"assumed MFU {budget['mfu']:.0%}"
+        shape = model_shape(cfg.model)
+        peft = cfg.peft
+        trainable = (shape.lora_params(peft.r, target_modules=tuple(peft.target_modules))
+                     if peft.name == "lora" else None)
+        peak = get_device(cfg.cluster.device).peak_bf16_tflops * 1e12
+        per_device = budget.mfu * peak / flops_for_shape(shape, cfg.train.seq_len, trainable)
+        source = f"assumed MFU {budget.mfu:.0%}"
     devices = plan.world_size
-    walltime_s = budget["tokens"] / (per_device * devices)
+    walltime_s = budget.tokens / (per_device * devices)
     return Budget(
-        tokens=budget["tokens"], tokens_per_s_per_device=per_device, source=source, walltime_h=walltime_s / 3600,
+        tokens=budget.tokens, tokens_per_s_per_device=per_device, source=source, walltime_h=walltime_s / 3600,
         node_hours=plan.nodes * walltime_s / 3600,
-        billing=billing_units(cfg["cluster"], plan.nodes, int(walltime_s)), billing_unit=plan.billing_unit,
+        billing=billing_units(cfg.cluster, plan.nodes, int(walltime_s)), billing_unit=plan.billing_unit,
     )

@@ -2,50 +2,50 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-from typing import Any, List, Mapping, Tuple
+from typing import List, Tuple
+
+from launcher.config.schema import LauncherConfig, ModelConfig
 
 from launcher.errors import ConfigError
 from launcher.plan import ModelShape, StrategyFit, format_strategy_table, get_device, plan_strategies
 from launcher.plan.devices import Device
 
 
-def strategy_fits(cfg: Mapping[str, Any], world_size: int) -> Tuple[List[StrategyFit], Device]:
-    cluster = cfg["cluster"] or {}
-    device = get_device(cluster.get("device", "cpu"))
+def strategy_fits(cfg: LauncherConfig, world_size: int) -> Tuple[List[StrategyFit], Device]:
+    device = get_device(cfg.cluster.device if cfg.cluster else "cpu")
     on_gpu = device.name != "cpu"
-    precision = cfg["strategy"]["precision"]
+    precision = cfg.strategy.precision
     if precision == "auto":
         precision = "bf16" if on_gpu else "fp32"
-    shape = model_shape(cfg["model"])
+    shape = model_shape(cfg.model)
     lora = None
-    if cfg["peft"]["name"] == "lora":
+    if cfg.peft.name == "lora":
         try:
-            lora = shape.lora_params(cfg["peft"]["r"], target_modules=tuple(cfg["peft"]["target_modules"]))
+            lora = shape.lora_params(cfg.peft.r, target_modules=tuple(cfg.peft.target_modules))
         except ValueError as error:  # a module name the model does not have
-            raise ConfigError("peft.target_modules", cfg["peft"]["target_modules"], str(error)) from None
+            raise ConfigError("peft.target_modules", cfg.peft.target_modules, str(error)) from None
     fits = plan_strategies(
         shape, world_size, device,
-        seq_len=cfg["train"]["seq_len"], micro_batch_size=cfg["train"]["micro_batch_size"],
-        gradient_checkpointing=cfg["model"]["gradient_checkpointing"], lora_params=lora, precision=precision,
+        seq_len=cfg.train.seq_len, micro_batch_size=cfg.train.micro_batch_size,
+        gradient_checkpointing=cfg.model.gradient_checkpointing, lora_params=lora, precision=precision,
         # Training uses PyTorch SDPA, which takes the flash / memory-efficient kernels on GPUs.
         flash_attention=on_gpu,
-        offload_optimizer=cfg["strategy"]["offload_optimizer"], offload_params=cfg["strategy"]["offload_params"],
+        offload_optimizer=cfg.strategy.offload_optimizer, offload_params=cfg.strategy.offload_params,
     )
     return fits, device
 
 
-def memory_report(cfg: Mapping[str, Any], world_size: int) -> str:
+def memory_report(cfg: LauncherConfig, world_size: int) -> str:
     fits, device = strategy_fits(cfg, world_size)
     return format_strategy_table(fits, device)
 
 
-def check_fits(cfg: Mapping[str, Any], world_size: int) -> None:
+def check_fits(cfg: LauncherConfig, world_size: int) -> None:
     """Refuse a submission whose chosen strategy does not fit, unless ignore_memory_estimate=true."""
-    if cfg["ignore_memory_estimate"]:
+    if cfg.ignore_memory_estimate:
         return
     fits, device = strategy_fits(cfg, world_size)
-    chosen = next(fit for fit in fits if fit.strategy == cfg["strategy"]["name"])
+    chosen = next(fit for fit in fits if fit.strategy == cfg.strategy.name)
     if not chosen.fits:
         raise ConfigError(
             "strategy", chosen.strategy,
@@ -55,6 +55,6 @@ def check_fits(cfg: Mapping[str, Any], world_size: int) -> None:
         )
 
 
-def model_shape(model_cfg: Mapping[str, Any]) -> ModelShape:
-    """The planner's view of the model config (ModelShape.from_config reads attributes)."""
-    return ModelShape.from_config(SimpleNamespace(**model_cfg))
+def model_shape(model_cfg: ModelConfig) -> ModelShape:
+    """The planner's view of the model config."""
+    return ModelShape.from_config(model_cfg)

@@ -9,10 +9,11 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+
+from launcher.config.schema import ClusterConfig, LauncherConfig
+from launcher.rundir import SLURM_DIR, run_dir
 
 from launcher.plan.slurm_time import format_time, parse_time
-from launcher.config.validation import gpus_requested, tasks_per_node
 
 
 @dataclass(frozen=True)
@@ -36,53 +37,53 @@ class JobPlan:
     @property
     def slurm_folder(self) -> Path:
         """Where submitit keeps the script, the pickled task and the logs of this run."""
-        return self.run_dir / "slurm"
+        return self.run_dir / SLURM_DIR
 
 
-def run_dir_of(cfg: Mapping[str, Any]) -> Path:
+def run_dir_of(cfg: LauncherConfig) -> Path:
     """<output_dir>/<run_name>, absolute: the job may start in another directory."""
-    return Path(cfg["output_dir"]).expanduser().absolute() / cfg["run_name"]
+    return run_dir(cfg.output_dir, cfg.run_name)
 
 
-def billing_units(cluster: Mapping[str, Any], nodes: int, walltime_s: int) -> float:
+def billing_units(cluster: ClusterConfig, nodes: int, walltime_s: int) -> float:
     """Cost of the requested walltime in the machine's own unit (charged whether used or not)."""
     hours = walltime_s / 3600
-    limits = cluster["partitions"].get(cluster["partition"]) or {}
-    if limits.get("billing_per_node_hour") is not None:
-        return nodes * hours * limits["billing_per_node_hour"]
-    unit = cluster["billing_unit"]
+    limits = cluster.partitions.get(cluster.partition)
+    if limits is not None and limits.billing_per_node_hour is not None:
+        return nodes * hours * limits.billing_per_node_hour
+    unit = cluster.billing_unit
     if unit == "gpu_hours":
         # LUMI small-g/dev-g: 0.5 x max(GCDs, ceil(cores / 8)) per hour; one billed GPU = gpus_per_billing_gpu GCDs.
         # An exclusive job holds the whole node, whatever it asked for, and pays for all of it.
-        if cluster["exclusive"]:
-            gpus, cores = cluster["gpus_per_node"], cluster["cpus_per_node"]
+        if cluster.exclusive:
+            gpus, cores = cluster.gpus_per_node, cluster.cpus_per_node
         else:
-            gpus, cores = gpus_requested(cluster), tasks_per_node(cluster) * cluster["cpus_per_task"]
-        per_node = max(gpus, math.ceil(cores / 8)) / cluster["gpus_per_billing_gpu"]
+            gpus, cores = cluster.gpus_requested, cluster.tasks * cluster.cpus_per_task
+        per_node = max(gpus, math.ceil(cores / 8)) / cluster.gpus_per_billing_gpu
         return nodes * hours * per_node
     if unit == "core_hours":
-        return nodes * hours * cluster["cpus_per_node"]
+        return nodes * hours * cluster.cpus_per_node
     return nodes * hours
 
 
-def make_plan(cfg: Mapping[str, Any]) -> JobPlan:
+def make_plan(cfg: LauncherConfig) -> JobPlan:
     """The plan of a cluster job (cfg must have passed launcher.config.validation.validate)."""
-    cluster = cfg["cluster"]
-    nodes = cfg["nodes"]
-    walltime_s = parse_time(cluster["time"])
-    tasks = tasks_per_node(cluster)
+    cluster = cfg.cluster
+    nodes = cfg.nodes
+    walltime_s = parse_time(cluster.time)
+    tasks = cluster.tasks
     return JobPlan(
-        cluster=cluster["name"],
-        run_name=cfg["run_name"],
+        cluster=cluster.name,
+        run_name=cfg.run_name,
         run_dir=run_dir_of(cfg),
         nodes=nodes,
-        gpus_per_node=gpus_requested(cluster),
+        gpus_per_node=cluster.gpus_requested,
         tasks_per_node=tasks,
-        cpus_per_task=cluster["cpus_per_task"],
+        cpus_per_task=cluster.cpus_per_task,
         world_size=nodes * tasks,
         walltime_s=walltime_s,
         billing_units=billing_units(cluster, nodes, walltime_s),
-        billing_unit=cluster["billing_unit"],
+        billing_unit=cluster.billing_unit,
     )
 
 

@@ -8,7 +8,9 @@ parameter) and a conservative per-node write bandwidth to the parallel file syst
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Optional
+
+from launcher.config.schema import LauncherConfig
 
 from launcher.plan.job import JobPlan
 from launcher.plan.fit import model_shape
@@ -31,17 +33,17 @@ def measured_save_s(run_dir: Path) -> Optional[float]:
     return max(times) if times else None
 
 
-def estimated_save_s(cfg: Mapping[str, Any], plan: JobPlan) -> float:
-    shape = model_shape(cfg["model"])
+def estimated_save_s(cfg: LauncherConfig, plan: JobPlan) -> float:
+    shape = model_shape(cfg.model)
     checkpoint_bytes = 16 * shape.n_params()
     return checkpoint_bytes / (plan.nodes * ASSUMED_WRITE_GBPS_PER_NODE * 1e9)
 
 
-def save_budget_warning(cfg: Mapping[str, Any], plan: JobPlan) -> Optional[str]:
+def save_budget_warning(cfg: LauncherConfig, plan: JobPlan) -> Optional[str]:
     """A warning when cluster.signal_lead_s is shorter than a save (measured, else estimated) needs."""
     measured = measured_save_s(plan.run_dir)
     save_s, how = (measured, "measured") if measured is not None else (estimated_save_s(cfg, plan), "estimated")
-    lead = cfg["cluster"]["signal_lead_s"]
+    lead = cfg.cluster.signal_lead_s
     if lead >= needed_lead_s(save_s):
         return None
     return (f"WARNING: a checkpoint save takes {save_s:.0f}s ({how}) but cluster.signal_lead_s={lead}: at the time "

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+
+from launcher.config.schema import LauncherConfig
 
 from launcher.plan.job import JobPlan
 
 UNIT_NAMES = {"gpu_hours": "GPU-hours", "node_hours": "node-hours", "core_hours": "core-hours"}
 
 
-def cluster_summary(cfg: Mapping[str, Any], plan: JobPlan) -> str:
-    cluster = cfg["cluster"]
-    gpus = f"{plan.gpus_per_node} GPUs ({cluster['device']})" if plan.gpus_per_node else "no GPUs (CPU)"
+def cluster_summary(cfg: LauncherConfig, plan: JobPlan) -> str:
+    cluster = cfg.cluster
+    gpus = f"{plan.gpus_per_node} GPUs ({cluster.device})" if plan.gpus_per_node else "no GPUs (CPU)"
     rows = [
-        ("cluster", f"{plan.cluster}: partition {cluster['partition']}, qos {cluster['qos'] or '-'}, "
-                    f"account {cluster['account'] or '-'}"),
+        ("cluster", f"{plan.cluster}: partition {cluster.partition}, qos {cluster.qos or '-'}, "
+                    f"account {cluster.account or '-'}"),
         ("nodes", f"{plan.nodes} x {gpus}, {plan.tasks_per_node} tasks/node x {plan.cpus_per_task} CPUs"),
         ("world size", str(plan.world_size)),
         ("walltime", plan.walltime),
@@ -24,26 +25,26 @@ def cluster_summary(cfg: Mapping[str, Any], plan: JobPlan) -> str:
     return _table(rows + _training_rows(cfg) + attention + [("run dir", str(plan.run_dir))])
 
 
-def planned_attention(cfg: Mapping[str, Any]) -> str:
+def planned_attention(cfg: LauncherConfig) -> str:
     """The attention the memory plan counted (``launcher.plan.fit.strategy_fits``: flash on every GPU device)."""
-    if ((cfg["cluster"] or {}).get("device") or "cpu") != "cpu":
+    if cfg.cluster is not None and cfg.cluster.device != "cpu":
         return "flash (assumed by the memory plan; the preflight checks it on the GPUs)"
     return "eager/sdpa math (CPU: the memory plan counts the a*s^2 attention scores)"
 
 
-def local_summary(cfg: Mapping[str, Any], nproc: int, run_dir: str) -> str:
+def local_summary(cfg: LauncherConfig, nproc: int, run_dir: str) -> str:
     rows = [("where", "this machine (no +cluster)"), ("processes", str(nproc))]
     return _table(rows + _training_rows(cfg) + [("run dir", run_dir)])
 
 
-def _training_rows(cfg: Mapping[str, Any]) -> list[tuple[str, str]]:
-    train = cfg["train"]
+def _training_rows(cfg: LauncherConfig) -> list[tuple[str, str]]:
+    train = cfg.train
     return [
-        ("model", f"{cfg['model']['name']}" + (f" from {cfg['model']['pretrained']}" if cfg["model"]["pretrained"] else "")),
-        ("strategy", f"{cfg['strategy']['name']}, peft {cfg['peft']['name']}"),
-        ("data", f"{cfg['data']['path']} ({cfg['data']['format'] or 'auto'})"),
-        ("steps", f"{train['max_steps']} x micro-batch {train['micro_batch_size']} x accum {train['grad_accum']} "
-                  f"x seq {train['seq_len']}"),
+        ("model", f"{cfg.model.name}" + (f" from {cfg.model.pretrained}" if cfg.model.pretrained else "")),
+        ("strategy", f"{cfg.strategy.name}, peft {cfg.peft.name}"),
+        ("data", f"{cfg.data.path} ({cfg.data.format or 'auto'})"),
+        ("steps", f"{train.max_steps} x micro-batch {train.micro_batch_size} x accum {train.grad_accum} "
+                  f"x seq {train.seq_len}"),
     ]
 
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 import shlex
 import string
 from pathlib import Path
-from typing import Any, Dict, List, Mapping
+from typing import Any, Dict, List
 
 from launcher import container as containers
 from launcher.plan.job import JobPlan, job_name
-from launcher.config.validation import gpus_requested
+from launcher.config.schema import ClusterConfig, LauncherConfig
 from launcher.paths import PACKAGE_DIR, TEMPLATES_DIR
 from launcher.rundir import TEMPLATE_VALUES
 
@@ -31,15 +31,15 @@ def read_template(name: str, **values: Any) -> List[str]:
     return _ShellTemplate(text).substitute(quoted).rstrip("\n").split("\n")
 
 
-def setup_lines(cfg: Mapping[str, Any], plan: JobPlan) -> List[str]:
-    cluster = cfg["cluster"]
-    lines = read_template("common_setup.sh", run_dir=plan.run_dir, max_requeues=cluster["max_requeues"],
-                          signal_lead_s=cluster["signal_lead_s"])
-    if cluster["env"]:
+def setup_lines(cfg: LauncherConfig, plan: JobPlan) -> List[str]:
+    cluster = cfg.cluster
+    lines = read_template("common_setup.sh", run_dir=plan.run_dir, max_requeues=cluster.max_requeues,
+                          signal_lead_s=cluster.signal_lead_s)
+    if cluster.env:
         lines.append("# --- cluster.env ---")
-        lines += [f"export {name}={shlex.quote(str(value))}" for name, value in cluster["env"].items()]
-    if cluster["setup_template"]:
-        lines += read_template(cluster["setup_template"], run_dir=plan.run_dir)
+        lines += [f"export {name}={shlex.quote(str(value))}" for name, value in cluster.env.items()]
+    if cluster.setup_template:
+        lines += read_template(cluster.setup_template, run_dir=plan.run_dir)
     # Last: forwards variables set above (MASTER_ADDR, HF_HOME, ...) into the container by name.
     lines += containers.batch_setup_lines(cluster)
     return lines
@@ -51,58 +51,58 @@ def code_dir() -> Path | None:
     return None if root.name in ("site-packages", "dist-packages") else root
 
 
-def python_command(cfg: Mapping[str, Any], plan: JobPlan) -> str:
+def python_command(cfg: LauncherConfig, plan: JobPlan) -> str:
     """What srun starts on each task: the container's python (binding the code and run directory), or a plain one."""
-    return containers.command_prefix(cfg["cluster"], code_dir=code_dir(), paths=[plan.run_dir])
+    return containers.command_prefix(cfg.cluster, code_dir=code_dir(), paths=[plan.run_dir])
 
 
-def srun_args(cluster: Mapping[str, Any]) -> List[str]:
+def srun_args(cluster: ClusterConfig) -> List[str]:
     # One failed rank ends the step instead of leaving the others hanging in a collective. srun is given
     # --cpus-per-task itself: Slurm 22.05-23.02 do not pass sbatch's value on to srun.
-    args = ["--kill-on-bad-exit=1", f"--cpus-per-task={cluster['cpus_per_task']}"]
-    if cluster["cpu_bind"]:
+    args = ["--kill-on-bad-exit=1", f"--cpus-per-task={cluster.cpus_per_task}"]
+    if cluster.cpu_bind:
         args.append(f"--cpu-bind={cpu_bind(cluster)}")
-    if cluster["gpu_bind"]:
-        args.append(f"--gpu-bind={cluster['gpu_bind']}")
+    if cluster.gpu_bind:
+        args.append(f"--gpu-bind={cluster.gpu_bind}")
     return args
 
 
-def cpu_bind(cluster: Mapping[str, Any]) -> str:
+def cpu_bind(cluster: ClusterConfig) -> str:
     """Explicit core masks are only valid on a whole node (LUMI): a shared allocation binds to its own cores."""
-    bind = cluster["cpu_bind"]
-    whole_node = cluster["exclusive"] and gpus_requested(cluster) == cluster["gpus_per_node"]
+    bind = cluster.cpu_bind
+    whole_node = cluster.exclusive and cluster.gpus_requested == cluster.gpus_per_node
     if bind.startswith(("mask_cpu", "map_cpu")) and not whole_node:
         return "cores"
     return bind
 
 
-def submitit_parameters(cfg: Mapping[str, Any], plan: JobPlan) -> Dict[str, Any]:
+def submitit_parameters(cfg: LauncherConfig, plan: JobPlan) -> Dict[str, Any]:
     """SlurmExecutor.update_parameters(**this): one definition for the dry run and the submission."""
-    cluster = cfg["cluster"]
+    cluster = cfg.cluster
     params: Dict[str, Any] = {
         "job_name": job_name(plan.run_name),
-        "partition": cluster["partition"],
+        "partition": cluster.partition,
         "time": max(1, plan.walltime_s // 60),
         "nodes": plan.nodes,
         "ntasks_per_node": plan.tasks_per_node,
         "cpus_per_task": plan.cpus_per_task,
-        "signal_delay_s": cluster["signal_lead_s"],
+        "signal_delay_s": cluster.signal_lead_s,
         "stderr_to_stdout": True,
         "setup": setup_lines(cfg, plan),
         "teardown": read_template("common_teardown.sh"),
         "srun_args": srun_args(cluster),
         # submitit's default wckey is a constant "submitit": leave Slurm's default instead.
         "wckey": None,
-        "additional_parameters": {"requeue": True, **{k: str(v) for k, v in cluster["sbatch_extra"].items()}},
+        "additional_parameters": {"requeue": True, **{k: str(v) for k, v in cluster.sbatch_extra.items()}},
     }
     optional = {
-        "account": cluster["account"],
-        "qos": cluster["qos"],
+        "account": cluster.account,
+        "qos": cluster.qos,
         "gpus_per_node": plan.gpus_per_node or None,
-        "mem": cluster["mem"],
-        "mem_per_gpu": cluster["mem_per_gpu"] if plan.gpus_per_node else None,
-        "exclusive": True if cluster["exclusive"] else None,
-        "exclude": cluster["exclude_nodes"],
+        "mem": cluster.mem,
+        "mem_per_gpu": cluster.mem_per_gpu if plan.gpus_per_node else None,
+        "exclusive": True if cluster.exclusive else None,
+        "exclude": cluster.exclude_nodes,
     }
     params.update({key: value for key, value in optional.items() if value is not None})
     return params
@@ -113,7 +113,7 @@ def submit_command(python: str, folder: Path) -> str:
     return f"{python} -u -m submitit.core._submit {shlex.quote(str(folder))}"
 
 
-def render_script(cfg: Mapping[str, Any], plan: JobPlan) -> str:
+def render_script(cfg: LauncherConfig, plan: JobPlan) -> str:
     from submitit.slurm.slurm import _make_sbatch_string
 
     params = submitit_parameters(cfg, plan)

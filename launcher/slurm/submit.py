@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
+
+from launcher.config.schema import LauncherConfig
 
 from launcher.errors import ConfigError
 from launcher.plan.job import JobPlan
@@ -37,17 +39,17 @@ def check_no_active_job(run_dir: Path, run_name: str) -> None:
         )
 
 
-def submit(cfg: Mapping[str, Any], plan: JobPlan) -> Any:
+def submit(cfg: LauncherConfig, plan: JobPlan) -> Any:
     """Submit the run's job; returns submitit's Job (job_id, paths.stdout)."""
     check_slurm_available()
     import submitit
 
     from launcher.slurm.task import train_task
 
-    cluster = cfg["cluster"]
+    cluster = cfg.cluster
     # Requeue is ours (slurm_templates/common_teardown.sh); submitit's own counter must never refuse it first.
     executor = submitit.SlurmExecutor(
-        folder=plan.slurm_folder, python=python_command(cfg, plan), max_num_timeout=cluster["max_requeues"] + 1000
+        folder=plan.slurm_folder, python=python_command(cfg, plan), max_num_timeout=cluster.max_requeues + 1000
     )
     executor.update_parameters(**submitit_parameters(cfg, plan))
     return executor.submit(train_task, str(plan.run_dir))

@@ -38,8 +38,6 @@ DEFAULT_HEAD_DIM = 128
 DEFAULT_GQA_RATIO = 4  # used when the model has no GQA: the check is about the kernel, not this model
 MAX_HEAD_DIM = 256  # what flash SDPA supports
 
-BACKENDS = ("MATH", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION")
-
 
 @dataclass
 class KernelCheck:
@@ -289,7 +287,7 @@ def probe_attention(device: Any, model_cfg: Optional[Mapping[str, Any]] = None) 
 
 def planner_assumes_flash(cluster_device: Optional[str]) -> bool:
     """The memory plan's assumption for ``cluster.device``: flash attention on every GPU device
-    (``launcher.plan.fit.strategy_fits``; ``launcher.summary.planned_attention`` says it in the dry run).
+    (``launcher.plan.fit.strategy_fits``; ``launcher.plan.summary.planned_attention`` says it in the dry run).
 
     No profile (a local run, which prints no plan) counts as a GPU one: a GPU run is expected to use flash there too.
     """

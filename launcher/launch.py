@@ -1,0 +1,95 @@
+"""From a validated, typed config to a local run, a dry run or a Slurm submission (login-node code: no torch,
+transformers or deepspeed)."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+from launcher.config.schema import LauncherConfig
+from launcher.config.validation import apply_global_batch
+from launcher.plan.job import JobPlan, make_plan, run_dir_of
+from launcher.plan.save_budget import save_budget_warning
+from launcher.plan.summary import cluster_summary, local_summary
+from launcher.rundir import write_config, write_script
+from launcher.slurm.render import render_script
+
+
+@dataclass(frozen=True)
+class LaunchResult:
+    """What one run or sweep point did (the sweep summary lists these)."""
+
+    code: int
+    run_dir: str
+    action: str  # "submitted", "dry run", "trained locally", ...
+    job_id: Optional[str] = None
+
+
+def launch(cfg: LauncherConfig) -> LaunchResult:
+    """One validated point of a run or a sweep: dry-run, submit or train locally."""
+    return _launch_cluster(cfg) if cfg.cluster else _launch_local(cfg)
+
+
+def _launch_cluster(cfg: LauncherConfig) -> LaunchResult:
+    plan = make_plan(cfg)
+    cfg = apply_global_batch(cfg, plan.world_size)
+    script = render_script(cfg, plan)
+    for warning in (save_budget_warning(cfg, plan), _home_warning(cfg, plan)):
+        if warning:
+            print(f"launcher: {warning}", file=sys.stderr)
+    if cfg.dry_run:
+        _print_dry_run(cfg, plan, script)
+        return LaunchResult(0, str(plan.run_dir), "dry run")
+    from launcher.plan.fit import check_fits
+    from launcher.slurm.submit import check_no_active_job, check_slurm_available, submit
+
+    check_slurm_available()
+    check_fits(cfg, plan.world_size)
+    check_no_active_job(plan.run_dir, plan.run_name)
+    write_config(plan.run_dir, dataclasses.replace(cfg, output_dir=str(plan.run_dir.parent)))
+    write_script(plan.run_dir, script)
+    job = submit(cfg, plan)
+    print(f"launcher: submitted job {job.job_id}\n{cluster_summary(cfg, plan)}")
+    print(f"  follow      python -m launcher.status logs --follow {plan.run_dir}")
+    print(f"  status      python -m launcher.status {plan.run_dir.parent}")
+    return LaunchResult(0, str(plan.run_dir), "submitted", str(job.job_id))
+
+
+def _home_warning(cfg: LauncherConfig, plan: JobPlan) -> Optional[str]:
+    """Checkpoints of real models do not fit a home quota (LUMI 20 GB, Leonardo 50 GB)."""
+    from pathlib import Path
+
+    if cfg.cluster.gpus_per_node and plan.run_dir.is_relative_to(Path.home()):
+        return (f"WARNING: the run directory {plan.run_dir} is under $HOME, whose quota a checkpoint can exceed: "
+                "set output_dir to project or scratch storage (LUMI /scratch/<project>, Leonardo $WORK or $FAST)")
+    return None
+
+
+def _print_dry_run(cfg: LauncherConfig, plan: JobPlan, script: str) -> None:
+    from launcher.plan.budget import estimate_budget
+    from launcher.plan.fit import memory_report
+
+    path = write_script(plan.run_dir, script)
+    print(f"launcher: dry run, nothing submitted\n{cluster_summary(cfg, plan)}\n  script      {path}\n")
+    print(f"memory per device ({cfg.model.name}, {plan.nodes} nodes):\n{memory_report(cfg, plan.world_size)}\n")
+    budget = estimate_budget(cfg, plan)
+    if budget is not None:
+        print(f"budget: {budget.describe()}\n")
+    print(script)
+
+
+def _launch_local(cfg: LauncherConfig) -> LaunchResult:
+    from launcher.local import describe, local_command, processes_per_node, run_local
+
+    nproc = processes_per_node(cfg)
+    cfg = apply_global_batch(cfg, nproc)
+    run_dir = run_dir_of(cfg)
+    print(f"launcher: local run\n{local_summary(cfg, nproc, str(run_dir))}")
+    if cfg.dry_run:
+        print(f"  command     {describe(local_command(cfg, run_dir))}\nlauncher: dry run, nothing started")
+        return LaunchResult(0, str(run_dir), "dry run")
+    write_config(run_dir, dataclasses.replace(cfg, output_dir=str(run_dir.parent)))
+    code = run_local(cfg, run_dir)
+    return LaunchResult(code, str(run_dir), "trained locally" if code == 0 else f"local run exited {code}")
