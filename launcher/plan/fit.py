@@ -11,6 +11,12 @@ from launcher.plan import ModelShape, StrategyFit, format_strategy_table, get_de
 from launcher.plan.devices import Device
 
 
+def planner_assumes_flash(device_name: str | None) -> bool:
+    """THE memory plan's attention assumption: PyTorch SDPA takes the flash / memory-efficient kernels on every GPU
+    device (the preflight's attention probe checks it there), the math path on CPU. No profile counts as a GPU."""
+    return device_name != "cpu"
+
+
 def strategy_fits(cfg: LauncherConfig, world_size: int) -> Tuple[List[StrategyFit], Device]:
     device = get_device(cfg.cluster.device if cfg.cluster else "cpu")
     on_gpu = device.name != "cpu"
@@ -29,7 +35,7 @@ def strategy_fits(cfg: LauncherConfig, world_size: int) -> Tuple[List[StrategyFi
         seq_len=cfg.train.seq_len, micro_batch_size=cfg.train.micro_batch_size,
         gradient_checkpointing=cfg.model.gradient_checkpointing, lora_params=lora, precision=precision,
         # Training uses PyTorch SDPA, which takes the flash / memory-efficient kernels on GPUs.
-        flash_attention=on_gpu,
+        flash_attention=planner_assumes_flash(device.name),
         offload_optimizer=cfg.strategy.offload_optimizer, offload_params=cfg.strategy.offload_params,
     )
     return fits, device

@@ -27,7 +27,9 @@ def cluster_summary(cfg: LauncherConfig, plan: JobPlan) -> str:
 
 def planned_attention(cfg: LauncherConfig) -> str:
     """The attention the memory plan counted (``launcher.plan.fit.strategy_fits``: flash on every GPU device)."""
-    if cfg.cluster is not None and cfg.cluster.device != "cpu":
+    from launcher.plan.fit import planner_assumes_flash
+
+    if cfg.cluster is not None and planner_assumes_flash(cfg.cluster.device):
         return "flash (assumed by the memory plan; the preflight checks it on the GPUs)"
     return "eager/sdpa math (CPU: the memory plan counts the a*s^2 attention scores)"
 
