@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Sequence
 
-from launcher.config import compose, load
+from launcher.config import compose, validated
 from launcher.config.schema import LauncherConfig, as_container
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,7 +19,7 @@ LEONARDO_ACCOUNT = "cluster.account=EUHPC_D35_189"
 
 def config(overrides: Sequence[str]) -> LauncherConfig:
     """The config a run with these overrides really gets: composed, validated and typed, as the command line does."""
-    return load(overrides)
+    return validated(overrides)
 
 
 def composed(overrides: Sequence[str]) -> Dict[str, Any]:

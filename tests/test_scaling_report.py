@@ -5,21 +5,26 @@ Login-node tests: no torch (the fingerprint test hides it), matplotlib only for 
 
 from __future__ import annotations
 
-import copy
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import yaml
 
+from launcher import rundir
+from launcher.config.schema import LauncherConfig
+from launcher.plan.flops import flops_per_token
 from launcher.scaling import fingerprint as fpmod
 from launcher.scaling import metrics as m
 from launcher.scaling.__main__ import main as cli_main
-from launcher.scaling.report import collect_points, failure_reason, infer_mode, write_report
+from launcher.scaling.logs import failure_reason, latest_logs
+from launcher.scaling.report import write_report
+from launcher.scaling.sweep import collect_points, infer_mode
 from tests.login_helpers import LEONARDO_ACCOUNT, LUMI_ACCOUNT, REPO, config
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -28,9 +33,12 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # ---------------------------------------------------------------------------------------------------------------------
 # Arithmetic
 # ---------------------------------------------------------------------------------------------------------------------
-def test_model_flops_per_token_is_6n_plus_12lhs():
+def test_flops_per_token_is_6n_plus_12lhs():
     # N = 1e9, L = 16, H = 2048, S = 4096: 6e9 + 12 * 16 * 2048 * 4096 = 6e9 + 1,610,612,736
-    assert m.model_flops_per_token(1e9, 16, 4096, 2048) == 7_610_612_736
+    full = dict(matmul_params=10**9, n_layers=16, hidden_size=2048, seq_len=4096)
+    assert flops_per_token(trainable_matmul_params=10**9, **full) == 7_610_612_736
+    # LoRA with 1e7 adapter parameters inside N: 4N + 2 x 1e7 + attention
+    assert flops_per_token(trainable_matmul_params=10**7, **full) == 4e9 + 2e7 + 1_610_612_736
 
 
 def test_mfu_hand_computed():
@@ -67,26 +75,25 @@ def test_node_hours_per_billion_tokens():
 def test_lumi_billing_matches_the_launchers_cost():
     from launcher.plan.job import billing_units
 
-    cluster = config(["+cluster=lumi", LUMI_ACCOUNT])["cluster"]
+    cluster = config(["+cluster=lumi", LUMI_ACCOUNT]).cluster
     assert m.billing_rate_per_node_hour(cluster) == 4.0  # standard-g: 4 GPU-hours per node-hour
     # 2 nodes at 100k tokens/s: 5.5556 node-hours x 4 = 22.222 GPU-hours per billion tokens
     assert m.billing_units_per_billion_tokens(100_000, 2, 4.0) == pytest.approx(22.22222, rel=1e-6)
-    small = copy.deepcopy(cluster)
-    small["partition"] = "small-g"
+    small = replace(cluster, partition="small-g")
     # gpu_hours rule: max(8 GCDs, ceil(8 x 7 cores / 8) = 7) / 2 GCDs per billed GPU = 4 per node-hour
     assert m.billing_rate_per_node_hour(small) == 4.0
     # a shared (non-exclusive) job of 2 GCDs and 14 cores: max(2, 2) / 2 = 1
-    small["gpus_per_node_requested"], small["tasks_per_node"], small["exclusive"] = 2, 2, False
-    assert m.billing_rate_per_node_hour(small) == 1.0
-    for c in (cluster, small):
+    shared = replace(small, gpus_per_node_requested=2, tasks_per_node=2, exclusive=False)
+    assert m.billing_rate_per_node_hour(shared) == 1.0
+    for c in (cluster, small, shared):
         assert m.billing_rate_per_node_hour(c) * 3 * 2 == pytest.approx(billing_units(c, 3, 7200))
 
 
 def test_leonardo_billing_is_node_hours():
     from launcher.plan.job import billing_units
 
-    cluster = config(["+cluster=leonardo", LEONARDO_ACCOUNT])["cluster"]
-    assert cluster["billing_unit"] == "node_hours"
+    cluster = config(["+cluster=leonardo", LEONARDO_ACCOUNT]).cluster
+    assert cluster.billing_unit == "node_hours"
     assert m.billing_rate_per_node_hour(cluster) == 1.0
     per_btok = m.node_hours_per_billion_tokens(50_000, 4)
     assert m.billing_units_per_billion_tokens(50_000, 4, 1.0) == pytest.approx(per_btok)
@@ -162,14 +169,12 @@ def lumi_cfg():
                    "train.micro_batch_size=1", f"train.seq_len={SEQ}"])
 
 
-def _write_point(sweep: Path, cfg: dict, nodes: int, records: list, *, export: bool, log: str | None = None,
-                 jobid: int = 1000) -> Path:
+def _write_point(sweep: Path, cfg: LauncherConfig, nodes: int, records: list, *, export: bool,
+                 log: str | None = None, jobid: int = 1000) -> Path:
     run = sweep / f"bench__nodes={nodes},strategy=zero3"
     (run / "slurm").mkdir(parents=True)
-    point_cfg = copy.deepcopy(cfg)
-    point_cfg.update(nodes=nodes, run_name=run.name)
-    point_cfg["train"]["grad_accum"] = GLOBAL_BATCH_SEQ // (8 * nodes) or 1
-    (run / "config.yaml").write_text(yaml.safe_dump(point_cfg))
+    train = replace(cfg.train, grad_accum=GLOBAL_BATCH_SEQ // (8 * nodes) or 1)
+    rundir.write_config(run, replace(cfg, nodes=nodes, run_name=run.name, train=train))
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (run / "environment.json").write_text(json.dumps(dict(FINGERPRINT, job_id=str(jobid), world_size=8 * nodes,
                                                           nodelist=f"nid[005000-{5000 + nodes - 1:06d}]")))
@@ -299,10 +304,26 @@ def test_failure_reasons(tmp_path):
     assert failure_reason(run) == "KeyError: 'x'"
 
 
+def test_the_newest_job_is_newest_by_id_not_by_file_time(tmp_path):
+    run = tmp_path / "run"
+    slurm = run / rundir.SLURM_DIR
+    slurm.mkdir(parents=True)
+    logs = {"99_0_log.out": "RuntimeError: CUDA out of memory\n",  # an older job
+            "100_9_0_log.out": "RuntimeError: CUDA out of memory\n",  # array task 100_9
+            "100_10_1_log.out": "step 3\n",  # 100_10 is newer than 100_9 (not in string order)
+            "100_10_0_log.err": "slurmstepd: error: *** JOB 100_10 ON nid1 CANCELLED AT 2025 DUE TO TIME LIMIT ***\n",
+            "100_10_0_log.out": "step 2\n"}
+    for name, text in logs.items():
+        (slurm / name).write_text(text)
+    later = (slurm / "100_10_0_log.out").stat().st_mtime + 100
+    os.utime(slurm / "99_0_log.out", (later, later))  # the older job's log written last: still the older job
+    assert [p.name for p in latest_logs(run)] == ["100_10_0_log.out", "100_10_0_log.err", "100_10_1_log.out"]
+    assert failure_reason(run).startswith("time limit: slurmstepd")
+
+
 def test_missing_metrics_is_a_failed_point(tmp_path, lumi_cfg):
     run = tmp_path / "runs" / "p"
-    run.mkdir(parents=True)
-    (run / "config.yaml").write_text(yaml.safe_dump(dict(lumi_cfg, nodes=2)))
+    rundir.write_config(run, replace(lumi_cfg, nodes=2, run_name="p"))
     (point,) = collect_points(tmp_path / "runs")
     assert point.status == "failed" and point.reason.startswith("no metrics") and point.devices == 16
     result = write_report(tmp_path / "runs", tmp_path / "out")  # no ok point: still a report with valid plots
@@ -310,10 +331,49 @@ def test_missing_metrics_is_a_failed_point(tmp_path, lumi_cfg):
     assert (tmp_path / "out" / "throughput.png").read_bytes()[:8] == PNG_SIGNATURE
 
 
+def test_a_metrics_line_cut_by_a_crash_is_skipped(sweep):
+    before = {p.name: p.tokens_per_s for p in collect_points(sweep, warmup_steps=5)}
+    run = sweep / "bench__nodes=1,strategy=zero3"
+    with open(run / rundir.METRICS_FILE, "a") as handle:
+        handle.write('{"step": 31, "loss": 9.0, "tokens_per_s": 4')  # the last line, cut mid-write
+    points = {p.name: p for p in collect_points(sweep, warmup_steps=5)}
+    assert points[run.name].status == "ok" and points[run.name].last_step == 30
+    assert {name: p.tokens_per_s for name, p in points.items()} == before
+
+
+def test_one_unreadable_point_does_not_stop_the_report(sweep, tmp_path):
+    yaml_broken = sweep / "bench__nodes=2,strategy=zero3"
+    (yaml_broken / rundir.CONFIG_FILE).write_text("nodes: 2\ntrain: [micro_batch_size: 1\n")  # not YAML
+    wrong_type = sweep / "bench__nodes=4,strategy=zero3"
+    text = (wrong_type / rundir.CONFIG_FILE).read_text()
+    (wrong_type / rundir.CONFIG_FILE).write_text(text.replace("max_steps: 30", "max_steps: thirty"))
+    metrics_dir = sweep / "bench__nodes=8,strategy=zero3"
+    (metrics_dir / rundir.METRICS_FILE).unlink()
+    (metrics_dir / rundir.METRICS_FILE).mkdir()  # exists, cannot be read as a file
+
+    result = write_report(sweep, tmp_path / "out", warmup_steps=5)
+    by_name = {p.name: p for p in result["points"]}
+    assert by_name["bench__nodes=1,strategy=zero3"].ok and by_name["bench__nodes=1,strategy=zero3"].efficiency == 1.0
+    broken = by_name[yaml_broken.name]
+    assert broken.status == "failed"
+    assert broken.reason == ("config.yaml unreadable: ParserError at line 3, column 1: "
+                             "expected ',' or ']', but got '<stream end>'")
+    wrong = by_name[wrong_type.name]
+    assert wrong.status == "failed" and wrong.reason.startswith("config.yaml unreadable: does not fit the schema")
+    assert "train.max_steps" in wrong.reason
+    unreadable = by_name[metrics_dir.name]
+    assert unreadable.reason == "metrics.jsonl unreadable: IsADirectoryError: Is a directory"
+    assert unreadable.devices == 64  # what the config says is kept
+    assert f"**failed** ({yaml_broken.name}): config.yaml unreadable" in result["markdown"]
+    assert [r["status"] for r in csv.DictReader((tmp_path / "out" / "scaling.csv").open())].count("ok") == 1
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Fingerprint and login-node hygiene
 # ---------------------------------------------------------------------------------------------------------------------
 def test_fingerprint_without_torch(tmp_path, monkeypatch):
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    monkeypatch.setattr(fpmod, "git_info", lambda: {"git_commit": commit, "git_dirty": False, "code_dir": "/code"})
     image = tmp_path / "image.sif"
     image.write_bytes(b"SIF" * 1000)
     monkeypatch.setenv("APPTAINER_CONTAINER", str(image))
@@ -329,8 +389,33 @@ def test_fingerprint_without_torch(tmp_path, monkeypatch):
     assert fp["container_image"] == str(image) and fp["container_digest"].endswith(":3000")
     assert fp["container_digest"] == fpmod.container_digest(str(image))
     assert fp["torch"] is None and "torch" in fp["errors"] and fp["env"]["NCCL_SOCKET_IFNAME"] == "hsn0"
-    assert fp["git_commit"] is None or len(fp["git_commit"]) == 40
+    assert fp["git_commit"] == commit and fp["git_dirty"] is False
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_git_info_outside_a_repository(tmp_path):
+    assert fpmod.git_info(tmp_path) == {"git_commit": None, "git_dirty": None, "code_dir": str(tmp_path)}
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_git_info_of_a_repository(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+
+    def git(*args: str) -> str:
+        identity = ["-c", "user.name=test", "-c", "user.email=test@example.org", "-c", "commit.gpgsign=false"]
+        return subprocess.run(["git", "-C", str(repo), *identity, *args], check=True, capture_output=True,
+                              text=True).stdout.strip()
+
+    git("init", "-q")
+    (repo / "file.txt").write_text("one\n")
+    git("add", "file.txt")
+    git("commit", "-q", "-m", "one")
+    info = fpmod.git_info(repo)
+    assert info["git_commit"] == git("rev-parse", "HEAD") and len(info["git_commit"]) == 40
+    assert info["git_dirty"] is False
+    (repo / "file.txt").write_text("two\n")
+    assert fpmod.git_info(repo)["git_dirty"] is True
 
 
 def test_report_imports_neither_torch_nor_matplotlib():

@@ -63,7 +63,7 @@ def to_typed(cfg: "DictConfig", **replace: object) -> "LauncherConfig":
     return dataclasses.replace(typed, **replace) if replace else typed  # type: ignore[arg-type,return-value]
 
 
-def load(overrides: Sequence[str] = ()) -> "LauncherConfig":
+def validated(overrides: Sequence[str] = ()) -> "LauncherConfig":
     """Compose, check and validate as the command line does, then convert: the config a run really gets."""
     from launcher.config.schema import as_container
     from launcher.config.validation import validate

@@ -332,7 +332,9 @@ def estimate_memory(
     else:
         parameters = _share(trainable * b.param, world_size, stage >= 3) + _share(frozen * b.param, world_size,
                                                                                   stage >= 3)
-        gradients = _share(trainable * b.grad, world_size, stage >= 2)
+        # DeepSpeed accumulates gradients in fp32 (data_types.grad_accum_dtype, like DDP and FSDP): 4 B, not 2.
+        grad_bytes = 4 if strategy_spec(strategy).engine == "deepspeed" else b.grad
+        gradients = _share(trainable * grad_bytes, world_size, stage >= 2)
         optimizer = _share(trainable * b.optim, world_size, stage >= 1)
 
     offloaded = 0

@@ -6,5 +6,5 @@ Login-node code: stdlib only at import time (matplotlib is imported inside ``plo
     python -m launcher.scaling report runs/ --tokens 2e11
 """
 
-# Nothing is imported here: the login-node dry run imports launcher.scaling.metrics alone (its budget uses the same
-# FLOPs count), and must not pay for the report's modules.
+# Nothing is imported here: the job imports launcher.scaling.fingerprint alone and must not pay for the report's
+# modules (report.py lists them).

@@ -12,7 +12,9 @@ import argparse
 import sys
 from typing import List, Optional
 
-from launcher.scaling.report import DEFAULT_WARMUP_STEPS, MODES, write_report
+from launcher.scaling.points import DEFAULT_WARMUP_STEPS
+from launcher.scaling.report import write_report
+from launcher.scaling.sweep import MODES
 
 
 def _tokens(text: str) -> float:

@@ -28,13 +28,15 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
-FILE_NAME = "environment.json"
+from launcher.paths import PACKAGE_DIR
+from launcher.rundir import FINGERPRINT_FILE
+from launcher.secrets import is_secret_name
+
 DIGEST_HEAD_BYTES = 64 * 1024 * 1024
 CONTAINER_ENV_VARS = ("APPTAINER_CONTAINER", "SINGULARITY_CONTAINER")
 # Environment variables worth keeping for a communication benchmark (no secrets live under these prefixes).
 ENV_PREFIXES = ("NCCL_", "RCCL_", "FI_", "CXI_", "MIOPEN_", "HSA_", "GPU_MAX_HW_QUEUES", "CUDA_DEVICE_MAX_CONNECTIONS",
                 "OMP_NUM_THREADS", "TORCH_NCCL_")
-_SECRET_WORDS = ("TOKEN", "SECRET", "PASSWORD", "KEY", "CREDENTIAL")
 
 
 def _try(errors: Dict[str, str], name: str, fn: Callable[[], Any]) -> Any:
@@ -54,7 +56,7 @@ def _git(repo_dir: Path, *args: str) -> str:
 
 def git_info(repo_dir: Optional[Path] = None) -> Dict[str, Any]:
     """Commit and dirty flag of the checkout holding the ``launcher`` package (None outside a git checkout)."""
-    repo_dir = repo_dir or Path(__file__).resolve().parents[2]
+    repo_dir = Path(repo_dir) if repo_dir is not None else PACKAGE_DIR.parent
     if not (repo_dir / ".git").exists():
         return {"git_commit": None, "git_dirty": None, "code_dir": str(repo_dir)}
     commit = _git(repo_dir, "rev-parse", "HEAD")
@@ -130,7 +132,7 @@ def slurm_info() -> Dict[str, Any]:
 def selected_env() -> Dict[str, str]:
     return {
         k: v for k, v in sorted(os.environ.items())
-        if k.startswith(ENV_PREFIXES) and not any(word in k.upper() for word in _SECRET_WORDS)
+        if k.startswith(ENV_PREFIXES) and not is_secret_name(k)
     }
 
 
@@ -164,18 +166,18 @@ def write_fingerprint(run_dir: Path | str, world_size: Optional[int] = None) -> 
     a benchmark; the report says the fingerprint is missing).
     """
     try:
-        path = Path(run_dir) / FILE_NAME
-        tmp = path.with_name(f"{FILE_NAME}.{os.getpid()}.tmp")
+        path = Path(run_dir) / FINGERPRINT_FILE
+        tmp = path.with_name(f"{FINGERPRINT_FILE}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(collect_fingerprint(world_size), indent=2, sort_keys=True, default=str) + "\n")
         os.replace(tmp, path)
         return path
     except Exception as exc:
-        print(f"fingerprint: could not write {FILE_NAME} in {run_dir}: {exc}", file=sys.stderr, flush=True)
+        print(f"fingerprint: could not write {FINGERPRINT_FILE} in {run_dir}: {exc}", file=sys.stderr, flush=True)
         return None
 
 
 def read_fingerprint(run_dir: Path | str) -> Optional[Dict[str, Any]]:
-    path = Path(run_dir) / FILE_NAME
+    path = Path(run_dir) / FINGERPRINT_FILE
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):

@@ -5,14 +5,10 @@ Conventions, stated once:
 - Throughput T is training tokens per second of the whole job (all data-parallel ranks), as the training loop logs it
   in ``metrics.jsonl`` (``tokens_per_s``: tokens of the logging window / wall time of the window, evaluation and
   checkpoint time excluded). D is the number of devices (ranks: one per GPU, one per MI250X GCD).
-- Model FLOPs per token follow PaLM (Chowdhery et al. 2022, appendix B): ``6 N + 12 L H S``; N are the parameters
-  that take part in matmuls (every parameter except the input embedding table, unless it is tied to the output
-  head), L layers, H hidden size, S sequence length. Attention is counted (QK^T and AV, forward and backward, no
-  causal discount); the recomputation of activation checkpointing is not (that would be hardware FLOPs, HFU). This is
-  the convention of ``launcher.train.metrics.flops_per_token`` for full training, so the report's MFU and the one the
-  job logs agree.
+- Model FLOPs per token: ``launcher.plan.flops`` (THE count, shared with the dry run's budget and the job's MFU; for
+  full training ``6 N + 12 L H S``, PaLM appendix B), so the report's MFU and the one the job logs agree.
 - MFU is a fraction (0.42 means 42 %) against the device's dense bf16 peak
-  (``launcher.plan.devices.DEVICES[...].peak_bf16_tflops``: A100 312, MI250X GCD 191.5 TFLOP/s).
+  (``launcher.plan.devices.DEVICES[...].peak_bf16_tflops``).
 - Billing: ``billing_rate_per_node_hour`` gives the units one node costs per hour, with the rule of
   ``launcher.plan.job.billing_units`` (a partition's ``billing_per_node_hour`` first, e.g. LUMI standard-g = 4
   GPU-hours per node-hour; else by ``billing_unit``).
@@ -22,7 +18,10 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+if TYPE_CHECKING:
+    from launcher.config.schema import ClusterConfig
 
 SECONDS_PER_HOUR = 3600.0
 BILLION = 1e9
@@ -84,6 +83,29 @@ def _step_times(records: Sequence[Mapping[str, Any]], tokens_per_step: Optional[
     return times
 
 
+_MEASURED_KEYS = ("tokens_per_s", "tokens_per_s_per_device", "mfu")
+_STEP_TIME_KEYS = ("step_time_s", "step_time_p10_s", "step_time_p90_s", "step_time_std_s", "spread")
+
+
+def _medians(measured: Sequence[Mapping[str, Any]]) -> Dict[str, Optional[float]]:
+    """Median of each of ``_MEASURED_KEYS`` over the records that logged it (None where none did)."""
+    out: Dict[str, Optional[float]] = {}
+    for key in _MEASURED_KEYS:
+        values = [float(r[key]) for r in measured if isinstance(r.get(key), (int, float))]
+        out[key] = statistics.median(values) if values else None
+    return out
+
+
+def _step_time_stats(times: Sequence[float]) -> Dict[str, Optional[float]]:
+    """Median, p10, p90, population std and relative p10-p90 spread of the step times (all None for none)."""
+    if not times:
+        return dict.fromkeys(_STEP_TIME_KEYS)
+    median = statistics.median(times)
+    p10, p90 = percentile(times, 10), percentile(times, 90)
+    return {"step_time_s": median, "step_time_p10_s": p10, "step_time_p90_s": p90,
+            "step_time_std_s": statistics.pstdev(times), "spread": (p90 - p10) / median if median > 0 else None}
+
+
 def throughput_stats(
     step_records: Iterable[Mapping[str, Any]], warmup_steps: int, *, tokens_per_step: Optional[float] = None
 ) -> Dict[str, Any]:
@@ -113,56 +135,19 @@ def throughput_stats(
         "logged_steps": len(train),
         "last_step": int(train[-1]["step"]) if train else 0,
         "measured_steps": len(measured),
-        "tokens_per_s": None,
-        "tokens_per_s_per_device": None,
-        "step_time_s": None,
-        "step_time_p10_s": None,
-        "step_time_p90_s": None,
-        "step_time_std_s": None,
-        "spread": None,
-        "mfu": None,
         "peak_mem_gb": max(mems) if mems else None,
     }
-    if not measured:
-        return stats
-    stats["tokens_per_s"] = statistics.median(float(r["tokens_per_s"]) for r in measured)
-    per_device = [float(r["tokens_per_s_per_device"]) for r in measured
-                  if isinstance(r.get("tokens_per_s_per_device"), (int, float))]
-    if per_device:
-        stats["tokens_per_s_per_device"] = statistics.median(per_device)
-    mfus = [float(r["mfu"]) for r in measured if isinstance(r.get("mfu"), (int, float))]
-    if mfus:
-        stats["mfu"] = statistics.median(mfus)
+    stats.update(_medians(measured))
     # The first measured record has no predecessor for the delta-tokens rule: give it the last warm-up record.
     context = [r for r in train if r["step"] <= warmup_steps][-1:] + measured
-    times = [t for t in _step_times(context, tokens_per_step)[-len(measured):] if t is not None]
-    if times:
-        median = statistics.median(times)
-        stats.update(
-            step_time_s=median,
-            step_time_p10_s=percentile(times, 10),
-            step_time_p90_s=percentile(times, 90),
-            step_time_std_s=statistics.pstdev(times),
-            spread=(percentile(times, 90) - percentile(times, 10)) / median if median > 0 else None,
-        )
+    times = [t for t in _step_times(context, tokens_per_step)[-len(measured):] if t is not None] if measured else []
+    stats.update(_step_time_stats(times))
     return stats
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# FLOPs and MFU
+# MFU
 # ---------------------------------------------------------------------------------------------------------------------
-def model_flops_per_token(n_params: float, n_layers: int, seq_len: int, hidden: int) -> float:
-    """Training FLOPs per token, PaLM appendix B: ``6 * N + 12 * L * H * S``.
-
-    ``6 N``: forward (2 N), backward to inputs (2 N) and to weights (2 N) of every matmul parameter (N excludes the
-    input embedding lookup unless tied to the output head). ``12 L H S``: attention scores and weighted values,
-    forward and backward (no causal halving). Recomputation (activation checkpointing) is not counted.
-
-    Example: N = 1e9, L = 16, H = 2048, S = 4096 -> 6e9 + 1.61e9 = 7.61e9 FLOPs per token.
-    """
-    return 6.0 * n_params + 12.0 * n_layers * hidden * seq_len
-
-
 def mfu(tokens_per_s: float, flops_per_token: float, devices: int, peak_tflops: float) -> float:
     """Model FLOPs utilisation as a fraction: ``tokens_per_s * flops_per_token / (devices * peak_tflops * 1e12)``.
 
@@ -213,7 +198,7 @@ def node_hours_per_billion_tokens(tokens_per_s: float, nodes: float) -> float:
     return nodes * BILLION / tokens_per_s / SECONDS_PER_HOUR
 
 
-def billing_rate_per_node_hour(cluster: Optional[Mapping[str, Any]]) -> Optional[float]:
+def billing_rate_per_node_hour(cluster: Optional["ClusterConfig"]) -> Optional[float]:
     """Billing units one node costs per hour, in the cluster's ``billing_unit``; None for a local run.
 
     The launcher's own rule (``launcher.plan.job.billing_units``) for one node and one hour: the partition's
@@ -244,7 +229,7 @@ def _field(point: Any, name: str) -> Any:
 def project(total_tokens: float, point: Any, *, overhead: float = 0.0) -> Dict[str, Optional[float]]:
     """Cost of training ``total_tokens`` at a measured point, assuming its throughput holds for the whole run.
 
-    ``point``: a ``report.Point`` or a mapping with ``tokens_per_s``, ``nodes`` and optionally
+    ``point``: a ``points.Point`` or a mapping with ``tokens_per_s``, ``nodes`` and optionally
     ``billing_per_node_hour``. ``overhead``: extra fraction for what a benchmark does not see (checkpoints, evaluation,
     restarts, queue-side failures); 0.1 adds 10 %.
 

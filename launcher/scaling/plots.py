@@ -2,7 +2,8 @@
 
 matplotlib is imported inside the functions and drawn with its Agg canvas directly (no pyplot, no global backend
 switch), so this works on a login node without a display and does not disturb an interactive session.
-One line per strategy; failed points are red crosses on the bottom axis at their device count.
+One line per strategy; failed points are red crosses on the bottom axis at their device count (a point whose config
+could not be read has none: it is only in the table).
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, List, Sequence, Tuple
 
-from launcher.scaling.report import Point, group_points
+from launcher.scaling.points import Point
+from launcher.scaling.sweep import group_points
 
 DPI = 120
 SIZE = (6.4, 4.4)
@@ -29,7 +31,7 @@ def _figure() -> Tuple[Any, Any, Any]:
 def _device_ticks(ax: Any, devices: Sequence[int]) -> None:
     from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
 
-    ticks = sorted(set(devices))
+    ticks = sorted({d for d in devices if d > 0})
     if not ticks:
         return
     ax.set_xscale("log", base=2)
@@ -45,7 +47,7 @@ def _device_ticks(ax: Any, devices: Sequence[int]) -> None:
 def _failed_markers(ax: Any, points: Sequence[Point]) -> None:
     from matplotlib.transforms import blended_transform_factory
 
-    failed = [p for p in points if not p.ok]
+    failed = [p for p in points if not p.ok and p.devices > 0]  # an unreadable point has no device count
     if not failed:
         return
     transform = blended_transform_factory(ax.transData, ax.transAxes)
