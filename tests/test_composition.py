@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 from hydra.errors import ConfigCompositionException
 
@@ -26,6 +28,8 @@ def test_every_combination_composes_validates_and_renders(cluster, strategy, pef
         script = render_script(cfg, make_plan(cfg))
         assert script.startswith("#!/bin/bash")
         assert "-m submitit.core._submit" in script
+        syntax = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True, timeout=30)
+        assert syntax.returncode == 0, syntax.stderr
 
 
 @pytest.mark.parametrize("model", ["tiny", "llama-1b", "llama-8b", "mistral-7b"])

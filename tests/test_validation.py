@@ -91,9 +91,11 @@ def test_slurm_time_formats(text, seconds):
         (["+cluster=lumi", LUMI_ACCOUNT, "cluster.partition=small-g", "cluster.gpus_per_node_requested=2",
           "cluster.tasks_per_node=2", "cluster.exclusive=false"], 1.0),
         (["+cluster=leonardo", LEONARDO_ACCOUNT, "nodes=2", "cluster.time=02:00:00"], 4.0),  # node-hours
-        # exclusive holds (and pays for) the whole node even when fewer GCDs are asked for
+        # a share of small-g pays for its share without being told (exclusive follows the request) ...
+        (["+cluster=lumi", LUMI_ACCOUNT, "cluster.partition=small-g", "cluster.gpus_per_node_requested=2"], 1.0),
+        # ... and cluster.exclusive=true holds (and pays for) the whole node even when fewer GCDs are asked for
         (["+cluster=lumi", LUMI_ACCOUNT, "cluster.partition=small-g", "cluster.gpus_per_node_requested=2",
-          "cluster.tasks_per_node=2"], 4.0),
+          "cluster.exclusive=true"], 4.0),
     ],
 )
 def test_billing_for_requested_walltime(overrides, units):

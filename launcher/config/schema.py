@@ -65,9 +65,10 @@ class ClusterConfig:
     gpus_per_node_requested: Optional[int] = None  # None: all of them
     tasks_per_node: Optional[int] = None  # None: one per requested GPU (at least 1)
     cpus_per_task: int = 1
-    mem: Optional[str] = None  # e.g. 480G; None leaves Slurm's default
-    mem_per_gpu: Optional[str] = None
-    exclusive: bool = False
+    mem: Optional[str] = None  # e.g. 480G: what a whole-node job asks for; None leaves Slurm's default
+    mem_per_gpu: Optional[str] = None  # what a partial-node job asks for per GPU (a whole node without ``mem`` too)
+    # None: follow the request (whole nodes are exclusive, a share of a shareable partition is not); true/false force.
+    exclusive: Optional[bool] = None
     cpu_bind: Optional[str] = None  # srun --cpu-bind value
     gpu_bind: Optional[str] = None  # srun --gpu-bind value
     # Per-task device selection variable (LUMI: ROCR_VISIBLE_DEVICES). None: trust Slurm's own binding.
@@ -76,10 +77,15 @@ class ClusterConfig:
     # Billing: "gpu_hours" (LUMI: one GPU-hour = one MI250X module = 2 GCDs), "node_hours" or "core_hours".
     billing_unit: str = "node_hours"
     gpus_per_billing_gpu: int = 1
+    # Shared nodes bill max(GPUs, cores / billing_cores_per_gpu, memory / billing_mem_gb_per_gpu) GPU slots.
+    billing_cores_per_gpu: int = 8
+    billing_mem_gb_per_gpu: Optional[float] = None
     # Exported in the batch script (outside the container) and so inherited by every task.
     env: Dict[str, str] = field(default_factory=dict)
     # Shell template under slurm_templates/ with the machine's own setup lines.
     setup_template: Optional[str] = None
+    # Shell template run after the training step, before the requeue decision (cleanup of node-local state).
+    teardown_template: Optional[str] = None
     container: Optional[ContainerConfig] = None
     # Python command on the compute node when there is no container; None: the interpreter running the launcher.
     python: Optional[str] = None

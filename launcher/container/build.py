@@ -67,12 +67,12 @@ BUILD_PROFILES: Dict[str, BuildProfile] = {
 }
 
 LEONARDO_WARNING = (
-    "warning: Leonardo builds do not belong in the login shell (processes are killed after 10 minutes of CPU time).\n"
-    "Run the build as a Slurm job. It downloads nvcr.io/nvidia/pytorch and PyPI packages, and the boost compute\n"
-    "nodes have no internet: use lrd_all_serial (runs on the login nodes, 4 cores, 30 GB, 4 h), e.g.\n"
+    "warning: CINECA does not support building images from definition files on Leonardo (docs/containers.md).\n"
+    "Build on another machine with Apptainer >= 1.2 (the command below, with output= a local path) and copy the .sif\n"
+    "to $WORK/containers/, or pull the NGC base and install the pins into a sandbox in a lrd_all_serial job with\n"
+    "--gres=tmpfs:100G (docs/containers.md, route 2). Never in the login shell (killed after 10 minutes of CPU time).\n"
+    "If your project is allowed to build there anyway:\n"
     "  {example}\n"
-    "or salloc -A {account} -p lrd_all_serial --time=04:00:00 --cpus-per-task=4, then the command inside.\n"
-    "If --fakeroot is refused there, build on a machine with Apptainer and copy the .sif to $WORK."
 )
 
 

@@ -6,11 +6,11 @@ from dataclasses import dataclass
 
 from launcher.config.schema import LauncherConfig
 
-from launcher.plan.job import JobPlan, billing_units
+from launcher.plan.billing import UNIT_NAMES, billing_units
+from launcher.plan.job import JobPlan
 from launcher.plan.fit import model_shape
 from launcher.plan import ModelShape, get_device
 from launcher.plan.flops import flops_for_shape
-from launcher.plan.summary import UNIT_NAMES
 
 
 @dataclass(frozen=True)

@@ -5,12 +5,12 @@ Pure functions: no Slurm, no files. ``launcher.slurm.render`` turns a plan into 
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.config.schema import ClusterConfig, LauncherConfig
+from launcher.plan.billing import billing_units
 from launcher.rundir import SLURM_DIR, run_dir
 
 from launcher.plan.slurm_time import format_time, parse_time
@@ -43,27 +43,6 @@ class JobPlan:
 def run_dir_of(cfg: LauncherConfig) -> Path:
     """<output_dir>/<run_name>, absolute: the job may start in another directory."""
     return run_dir(cfg.output_dir, cfg.run_name)
-
-
-def billing_units(cluster: ClusterConfig, nodes: int, walltime_s: int) -> float:
-    """Cost of the requested walltime in the machine's own unit (charged whether used or not)."""
-    hours = walltime_s / 3600
-    limits = cluster.partitions.get(cluster.partition)
-    if limits is not None and limits.billing_per_node_hour is not None:
-        return nodes * hours * limits.billing_per_node_hour
-    unit = cluster.billing_unit
-    if unit == "gpu_hours":
-        # LUMI small-g/dev-g: 0.5 x max(GCDs, ceil(cores / 8)) per hour; one billed GPU = gpus_per_billing_gpu GCDs.
-        # An exclusive job holds the whole node, whatever it asked for, and pays for all of it.
-        if cluster.exclusive:
-            gpus, cores = cluster.gpus_per_node, cluster.cpus_per_node
-        else:
-            gpus, cores = cluster.gpus_requested, cluster.tasks * cluster.cpus_per_task
-        per_node = max(gpus, math.ceil(cores / 8)) / cluster.gpus_per_billing_gpu
-        return nodes * hours * per_node
-    if unit == "core_hours":
-        return nodes * hours * cluster.cpus_per_node
-    return nodes * hours
 
 
 def make_plan(cfg: LauncherConfig) -> JobPlan:

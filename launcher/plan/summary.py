@@ -7,7 +7,7 @@ from launcher.config.schema import LauncherConfig
 
 from launcher.plan.job import JobPlan
 
-UNIT_NAMES = {"gpu_hours": "GPU-hours", "node_hours": "node-hours", "core_hours": "core-hours"}
+from launcher.plan.billing import UNIT_NAMES, core_hours, idle_gpu_warning, is_whole_node
 
 
 def cluster_summary(cfg: LauncherConfig, plan: JobPlan) -> str:
@@ -19,10 +19,24 @@ def cluster_summary(cfg: LauncherConfig, plan: JobPlan) -> str:
         ("nodes", f"{plan.nodes} x {gpus}, {plan.tasks_per_node} tasks/node x {plan.cpus_per_task} CPUs"),
         ("world size", str(plan.world_size)),
         ("walltime", plan.walltime),
-        ("cost", f"{plan.billing_units:,.1f} {UNIT_NAMES[plan.billing_unit]} for the requested walltime"),
+        ("cost", _cost(cfg, plan)),
     ]
+    warning = idle_gpu_warning(cluster)
+    if warning:
+        rows.append(("", warning))
     attention = [("attention", planned_attention(cfg))]
     return _table(rows + _training_rows(cfg) + attention + [("run dir", str(plan.run_dir))])
+
+
+def _cost(cfg: LauncherConfig, plan: JobPlan) -> str:
+    """The request's cost in the machine's unit (Leonardo: also in core-hours, what ``saldo -b`` reports)."""
+    cluster = cfg.cluster
+    text = f"{plan.billing_units:,.2f} {UNIT_NAMES[plan.billing_unit]}"
+    if plan.billing_unit == "node_hours" and cluster.gpus_per_node:
+        text += f" = {core_hours(cluster, plan.nodes, plan.walltime_s):,.0f} core-hours"
+    share = ("whole nodes" if is_whole_node(cluster)
+             else f"{plan.gpus_per_node} of {cluster.gpus_per_node} GPUs on a shared node")
+    return f"{text} for the requested walltime ({share})"
 
 
 def planned_attention(cfg: LauncherConfig) -> str:

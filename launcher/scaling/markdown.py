@@ -14,7 +14,7 @@ from launcher.plan.devices import DEVICES
 from launcher.scaling import metrics as m
 from launcher.scaling.points import Point
 from launcher.scaling.sweep import checks
-from launcher.plan.summary import UNIT_NAMES
+from launcher.plan.billing import UNIT_NAMES
 
 FINGERPRINT_FIELDS = (
     ("commit", lambda fp: (fp.get("git_commit") or "")[:10] + (" (dirty)" if fp.get("git_dirty") else "") or None),

@@ -207,7 +207,7 @@ def billing_rate_per_node_hour(cluster: Optional["ClusterConfig"]) -> Optional[f
     """
     if not cluster:
         return None
-    from launcher.plan.job import billing_units
+    from launcher.plan.billing import billing_units
 
     return float(billing_units(cluster, 1, 3600))
 

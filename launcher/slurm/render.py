@@ -15,6 +15,7 @@ from launcher import container as containers
 from launcher.plan.job import JobPlan, job_name
 from launcher.config.schema import ClusterConfig, LauncherConfig
 from launcher.paths import PACKAGE_DIR, TEMPLATES_DIR
+from launcher.plan.billing import is_whole_node, job_memory
 from launcher.rundir import TEMPLATE_VALUES
 
 
@@ -45,6 +46,15 @@ def setup_lines(cfg: LauncherConfig, plan: JobPlan) -> List[str]:
     return lines
 
 
+def teardown_lines(cluster: ClusterConfig) -> List[str]:
+    """The machine's cleanup (before the exit code is read), then the common requeue logic (which exits)."""
+    lines = ["launcher_rc=$?"] if cluster.teardown_template else []
+    if cluster.teardown_template:
+        lines += read_template(cluster.teardown_template)
+        lines += ["(exit \"$launcher_rc\")"]  # common_teardown.sh reads the training step's exit code from $?
+    return lines + read_template("common_teardown.sh")
+
+
 def code_dir() -> Path | None:
     """The checkout holding ``launcher`` when it is not installed (then it is bound into the container)."""
     root = PACKAGE_DIR.parent
@@ -70,7 +80,7 @@ def srun_args(cluster: ClusterConfig) -> List[str]:
 def cpu_bind(cluster: ClusterConfig) -> str:
     """Explicit core masks are only valid on a whole node (LUMI): a shared allocation binds to its own cores."""
     bind = cluster.cpu_bind
-    whole_node = cluster.exclusive and cluster.gpus_requested == cluster.gpus_per_node
+    whole_node = is_whole_node(cluster) and cluster.gpus_requested == cluster.gpus_per_node
     if bind.startswith(("mask_cpu", "map_cpu")) and not whole_node:
         return "cores"
     return bind
@@ -89,19 +99,20 @@ def submitit_parameters(cfg: LauncherConfig, plan: JobPlan) -> Dict[str, Any]:
         "signal_delay_s": cluster.signal_lead_s,
         "stderr_to_stdout": True,
         "setup": setup_lines(cfg, plan),
-        "teardown": read_template("common_teardown.sh"),
+        "teardown": teardown_lines(cluster),
         "srun_args": srun_args(cluster),
         # submitit's default wckey is a constant "submitit": leave Slurm's default instead.
         "wckey": None,
         "additional_parameters": {"requeue": True, **{k: str(v) for k, v in cluster.sbatch_extra.items()}},
     }
+    mem, mem_per_gpu = job_memory(cluster)
     optional = {
         "account": cluster.account,
         "qos": cluster.qos,
         "gpus_per_node": plan.gpus_per_node or None,
-        "mem": cluster.mem,
-        "mem_per_gpu": cluster.mem_per_gpu if plan.gpus_per_node else None,
-        "exclusive": True if cluster.exclusive else None,
+        "mem": mem,
+        "mem_per_gpu": mem_per_gpu,
+        "exclusive": True if is_whole_node(cluster) else None,
         "exclude": cluster.exclude_nodes,
     }
     params.update({key: value for key, value in optional.items() if value is not None})

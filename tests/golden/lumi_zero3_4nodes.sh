@@ -35,6 +35,7 @@ echo "launcher: job ${SLURM_JOB_ID} attempt ${LAUNCHER_ATTEMPT} on ${SLURM_JOB_N
 echo "launcher: job ${SLURM_JOB_ID} attempt ${LAUNCHER_ATTEMPT} started $(date -Is) on ${SLURM_JOB_NODELIST}" >> "$LAUNCHER_RUN_DIR/logs/attempts.log"
 # --- cluster.env ---
 export NCCL_SOCKET_IFNAME=hsn0,hsn1,hsn2,hsn3
+export NCCL_NET_GDR_LEVEL=PHB
 export CXI_FORK_SAFE=1
 export CXI_FORK_SAFE_HP=1
 export FI_CXI_DISABLE_CQ_HUGETLB=1
@@ -48,8 +49,8 @@ export WANDB_MODE=offline
 # --- LUMI-G: node-local MIOpen cache (never on Lustre: a shared SQLite cache corrupts), one per job ---
 export MIOPEN_USER_DB_PATH="/tmp/${USER:-$(whoami)}-miopen-cache-${SLURM_JOB_ID}"
 export MIOPEN_CUSTOM_CACHE_DIR="$MIOPEN_USER_DB_PATH"
-# Created once per node, before the training tasks start.
-srun --ntasks="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 mkdir -p "$MIOPEN_USER_DB_PATH"
+# Created once per node, before the training tasks start; the marker says this job made it (lumi_teardown.sh).
+srun --ntasks="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 bash -c '[ -d "$1" ] || { mkdir -p "$1" && touch "$1/.created-by-job"; }' _ "$MIOPEN_USER_DB_PATH"
 # Hugging Face caches on scratch, never $HOME (20 GB). Bound into the container by cluster.container.binds.
 export HF_HOME="${HF_HOME:-/scratch/${SLURM_JOB_ACCOUNT}/${USER:-$(whoami)}/.cache/huggingface}"
 # DeepSpeed's JIT-built ops (e.g. CPU Adam for offload) on node-local /tmp, one directory per job: a shared directory
@@ -60,8 +61,8 @@ for launcher_var in MASTER_ADDR MASTER_PORT LAUNCHER_RUN_DIR LAUNCHER_ATTEMPT LA
      LAUNCHER_SIGNAL_LEAD_S HF_HOME HF_HUB_CACHE HF_DATASETS_CACHE TORCH_HOME TORCH_EXTENSIONS_DIR \
      TRITON_CACHE_DIR MIOPEN_USER_DB_PATH MIOPEN_CUSTOM_CACHE_DIR HF_HUB_OFFLINE HF_DATASETS_OFFLINE \
      TRANSFORMERS_OFFLINE WANDB_MODE HF_TOKEN WANDB_API_KEY NCCL_DEBUG NCCL_DEBUG_SUBSYS NCCL_SOCKET_IFNAME \
-     CXI_FORK_SAFE CXI_FORK_SAFE_HP FI_CXI_DISABLE_CQ_HUGETLB FI_CXI_DEFAULT_CQ_SIZE GPU_MAX_HW_QUEUES \
-     OMP_NUM_THREADS; do
+     NCCL_NET_GDR_LEVEL CXI_FORK_SAFE CXI_FORK_SAFE_HP FI_CXI_DISABLE_CQ_HUGETLB FI_CXI_DEFAULT_CQ_SIZE \
+     GPU_MAX_HW_QUEUES OMP_NUM_THREADS; do
   if [ -n "${!launcher_var+x}" ]; then export "SINGULARITYENV_${launcher_var}=${!launcher_var}"; fi
 done
 unset launcher_var
@@ -70,17 +71,21 @@ if [ -n "${HF_HOME:-}" ]; then
   mkdir -p "$HF_HOME"
   case "$HF_HOME" in
     *,*|*:*) echo "launcher: HF_HOME=$HF_HOME cannot be bound (comma or colon)" >&2 ;;
-    /var/spool/slurmd|/var/spool/slurmd/*|/opt/cray|/opt/cray/*|/usr/lib64/libcxi.so.1|/usr/lib64/libcxi.so.1/*|/pfs|/pfs/*|/scratch|/scratch/*|/projappl|/projappl/*|/project|/project/*|/flash|/flash/*|/appl|/appl/*) ;;
+    /var/spool/slurmd|/var/spool/slurmd/*|/opt/cray|/opt/cray/*|/usr/lib64/libcxi.so.1|/usr/lib64/libcxi.so.1/*|/usr/lib64/libjansson.so.4|/usr/lib64/libjansson.so.4/*|/pfs|/pfs/*|/scratch|/scratch/*|/projappl|/projappl/*|/project|/project/*|/flash|/flash/*|/appl|/appl/*) ;;
     *) export SINGULARITY_BIND="${SINGULARITY_BIND:+$SINGULARITY_BIND,}$HF_HOME" ;;
   esac
 fi
 
 # command
 export SUBMITIT_EXECUTOR=slurm
-srun --unbuffered --output /scratch/project_465000123/runs/llama-8b-zero3-none/slurm/%j_%t_log.out --kill-on-bad-exit=1 --cpus-per-task=7 --cpu-bind=mask_cpu:0x00fe000000000000,0xfe00000000000000,0x0000000000fe0000,0x00000000fe000000,0x00000000000000fe,0x000000000000fe00,0x000000fe00000000,0x0000fe0000000000 singularity exec --bind /var/spool/slurmd,/opt/cray,/usr/lib64/libcxi.so.1,/pfs,/scratch,/projappl,/project,/flash,/appl,/opt/launcher-src --env PYTHONPATH=/opt/launcher-src /project/project_465000123/containers/launcher-lumi.sif python -u -m submitit.core._submit /scratch/project_465000123/runs/llama-8b-zero3-none/slurm
+srun --unbuffered --output /scratch/project_465000123/runs/llama-8b-zero3-none/slurm/%j_%t_log.out --kill-on-bad-exit=1 --cpus-per-task=7 --cpu-bind=mask_cpu:0x00fe000000000000,0xfe00000000000000,0x0000000000fe0000,0x00000000fe000000,0x00000000000000fe,0x000000000000fe00,0x000000fe00000000,0x0000fe0000000000 singularity exec --bind /var/spool/slurmd,/opt/cray,/usr/lib64/libcxi.so.1,/usr/lib64/libjansson.so.4,/pfs,/scratch,/projappl,/project,/flash,/appl,/opt/launcher-src --env PYTHONPATH=/opt/launcher-src /project/project_465000123/containers/launcher-lumi.sif python -u -m submitit.core._submit /scratch/project_465000123/runs/llama-8b-zero3-none/slurm
 
 
 # teardown
+launcher_rc=$?
+# --- LUMI-G: remove this job's node-local MIOpen cache on every node, only where this job created it ---
+srun --ntasks="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 bash -c '[ -f "$1/.created-by-job" ] && rm -rf "$1"; true' _ "$MIOPEN_USER_DB_PATH" || true
+(exit "$launcher_rc")
 # --- launcher: requeue (outside the container, after every task has exited) ---
 launcher_rc=$?
 if [ -f "$LAUNCHER_RUN_DIR/.requeue_requested" ]; then
