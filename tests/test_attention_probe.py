@@ -115,7 +115,7 @@ def test_record_findings_group_ranks_and_round_trip_through_json() -> None:
     [finding] = record_findings(records, planner_assumes_flash=True)
     assert finding["level"] == "warn" and finding["check"] == "attention" and finding["ranks"] == [0, 1, 2, 5]
     assert finding["message"].startswith("rank(s) 0-2,5 of 8: flash attention is not available")
-    from launcher.preflight import Finding
+    from launcher.train.preflight import Finding
 
     assert Finding(**finding).line().startswith("WARN attention: rank(s) 0-2,5 of 8")
     assert record_findings([{"rank": 0, "attention": None}], planner_assumes_flash=True) == []
@@ -213,7 +213,8 @@ def test_preflight_on_a_cuda_device_puts_the_probe_in_the_report(monkeypatch, tm
     """run_preflight's hook, on a fabricated probe (this machine has no GPU: the device check cannot pass with one
     required, so none is)."""
     torch = pytest.importorskip("torch")
-    from launcher import preflight as P
+    from launcher.config.schema import ClusterConfig, ModelConfig
+    from launcher.train import preflight as P
 
     seen = {}
 
@@ -222,10 +223,13 @@ def test_preflight_on_a_cuda_device_puts_the_probe_in_the_report(monkeypatch, tm
         return no_flash()
 
     monkeypatch.setattr(A, "probe_attention", fake_probe)
-    cfg = {"cluster": {"device": "mi250x_gcd"}, "model": {"hidden_size": 64, "num_heads": 4}}
-    report = P.run_preflight(cfg, rank=0, local_rank=0, world_size=1, device=torch.device("cuda", 0),
-                             require_device=False, run_dir=tmp_path, print_table=False, timeout_s=None)
-    assert report.ok and seen["model"] == cfg["model"]
+    cluster = ClusterConfig(name="lumi", partition="small-g", device="mi250x_gcd", backend="nccl")
+    model = ModelConfig(hidden_size=64, num_heads=4)
+    options = P.PreflightOptions(require_device=False, run_dir=tmp_path, print_table=False, timeout_s=None)
+    report = P.run_preflight(cluster, model=model, rank=0, local_rank=0, world_size=1,
+                             device=torch.device("cuda", 0), options=options)
+    assert report.ok and seen["model"] is model
+    assert A.probe_shape(model) == {"head_dim": 16, "q_heads": 8, "kv_heads": 2}  # the dataclass, by attribute
     [finding] = [f for f in report.findings if f.check == "attention"]
     assert finding.level == "warn" and "flash attention is not available" in finding.message
     saved = json.loads((tmp_path / "preflight.json").read_text())
@@ -235,11 +239,11 @@ def test_preflight_on_a_cuda_device_puts_the_probe_in_the_report(monkeypatch, tm
 
 def test_preflight_on_cpu_runs_no_probe(monkeypatch) -> None:
     torch = pytest.importorskip("torch")
-    from launcher import preflight as P
+    from launcher.train import preflight as P
 
     monkeypatch.setattr(A, "probe_attention", lambda *a, **k: pytest.fail("probed on CPU"))
-    report = P.run_preflight({}, rank=0, local_rank=0, world_size=1, device=torch.device("cpu"),
-                             print_table=False, timeout_s=None)
+    report = P.run_preflight(None, rank=0, local_rank=0, world_size=1, device=torch.device("cpu"),
+                             options=P.PreflightOptions(print_table=False, timeout_s=None))
     assert "attention" not in report.records[0] and not [f for f in report.findings if f.check == "attention"]
 
 

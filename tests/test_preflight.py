@@ -1,4 +1,5 @@
-"""Preflight: pure checks on fabricated records, NCCL/RCCL transport detection, and real 2-process runs (gloo, CPU).
+"""Preflight (launcher.train.preflight): pure checks on fabricated records, NCCL/RCCL transport detection and the
+socket-fallback cause on fabricated debug logs, and real 2-process runs (gloo, CPU).
 
 The process tests start ``python -m torch.distributed.run --standalone --nproc_per_node 2`` on a small script written
 into tmp_path: a passing run, a run that requires a GPU on this CPU-only machine (both ranks must stop with the
@@ -18,10 +19,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from launcher import preflight as P
-from launcher.preflight import (
+from launcher.config.schema import ClusterConfig, ContainerConfig
+from launcher.train import preflight as P
+from launcher.train.preflight import (
     EXIT_PREFLIGHT,
-    Finding,
     PreflightReport,
     check_bandwidth,
     check_cpu_binding,
@@ -35,6 +36,9 @@ from launcher.preflight import (
     parse_ints,
     relevant_env,
 )
+from launcher.train.preflight import records as R
+from launcher.train.preflight.transport import expected_fabric, fallback_clues, missing_binds, read_transport
+from login_helpers import LEONARDO_ACCOUNT, LUMI_ACCOUNT, config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -233,6 +237,98 @@ def test_socket_fallback_warns_loudly_only_between_nodes():
     assert overall == "unknown" and [f.level for f in findings] == ["info"]
 
 
+LUMI_OFI_TCP = """\
+nid005002:1234:1234 [0] NCCL INFO NET/OFI Using aws-ofi-rccl 1.4.0
+nid005002:1234:1234 [0] NCCL INFO NET/OFI Selected Provider is tcp;ofi_rxm (found 1 nics)
+nid005002:1234:1234 [0] NCCL INFO Using network AWS Libfabric
+"""
+LUMI_ENV = {"NCCL_SOCKET_IFNAME": "hsn0,hsn1,hsn2,hsn3", "FI_CXI_DEFAULT_CQ_SIZE": "131072", "OMP_NUM_THREADS": "7"}
+LUMI_BINDS = ["/var/spool/slurmd", "/opt/cray", "/usr/lib64/libcxi.so.1", "/pfs", "/scratch"]  # no libjansson
+
+
+def cluster(name, env, binds=None, **extra):
+    container = ContainerConfig(image="/x.sif", binds=list(binds)) if binds is not None else None
+    return ClusterConfig(name=name, partition="p", device="mi250x_gcd" if name == "lumi" else "a100_64gb",
+                         backend="nccl", env=dict(env), container=container, **extra)
+
+
+def two_nodes(tmp_path, good, bad, hosts=("nid005001", "nid005002")):
+    """Records of two nodes whose local rank 0 read these NCCL logs (as run_preflight's phase 2 stores them)."""
+    records = []
+    for rank, (host, text) in enumerate(zip(hosts, (good, bad))):
+        log = tmp_path / f"nccl-{host}.log"
+        log.write_text(text)
+        records.append(rec(rank, host, 0, **read_transport(str(log))))
+    return records
+
+
+def test_lumi_socket_fallback_names_the_plugin_and_the_missing_bind(tmp_path):
+    records = two_nodes(tmp_path, LUMI_CXI, LUMI_NO_PLUGIN)
+    assert records[1]["transport"] == "socket" and records[1]["transport_clues"] == ["no-plugin", "ib-no-device"]
+    overall, [finding] = check_transport(records, backend="nccl", cluster=cluster("lumi", LUMI_ENV, LUMI_BINDS))
+    assert overall == "socket" and finding.level == "warn" and finding.ranks == [1]
+    msg = finding.message
+    assert "FELL BACK TO TCP SOCKETS" in msg and "nid005002" in msg
+    assert "the profile expects Slingshot (cxi), likely cause: RCCL did not load the aws-ofi-rccl network plugin" in msg
+    assert "the log says it could not be opened" in msg
+    assert "cluster.container.binds lacks /usr/lib64/libjansson.so.4" in msg and "libcxi.so.1," not in msg
+    for what in ("/opt/cray", "/usr/lib64/libcxi.so.1", "/usr/lib64/libjansson.so.4", "aws-ofi-rccl",
+                 "Selected Provider is cxi", "NCCL_SOCKET_IFNAME"):
+        assert what in finding.hint
+    # A bind of the parent folder covers the libraries; src:dst binds count by their source.
+    assert missing_binds(["/opt/cray:/opt/cray:ro", "/usr/lib64"]) == []
+    assert missing_binds(None) == []  # no container: nothing to name
+
+
+def test_lumi_plugin_on_tcp_provider_names_libfabric_and_cxi(tmp_path):
+    records = two_nodes(tmp_path, LUMI_CXI, LUMI_OFI_TCP)
+    binds = LUMI_BINDS + ["/usr/lib64/libjansson.so.4"]
+    overall, [finding] = check_transport(records, backend="nccl", fail_on_socket=True,
+                                         cluster=cluster("lumi", LUMI_ENV, binds))
+    assert overall == "ofi-tcp" and finding.level == "fail"
+    assert "libfabric found no usable cxi provider" in finding.message and "lacks" not in finding.message
+    # A rank environment that forces the provider is named first.
+    records[1]["env"] = {"FI_PROVIDER": "tcp"}
+    _, [finding] = check_transport(records, backend="nccl", cluster=cluster("lumi", LUMI_ENV, binds))
+    assert "likely cause: FI_PROVIDER=tcp keeps libfabric off cxi; the aws-ofi-rccl plugin loaded" in finding.message
+
+
+def test_leonardo_socket_fallback_names_the_ib_devices_and_hca(tmp_path):
+    hosts = ("lrdn0001", "lrdn0002")
+    records = two_nodes(tmp_path, LEONARDO_IB, LEONARDO_SOCKET, hosts)
+    # NCCL on Leonardo never loads a net plugin (NET/IB is built in): only the IB clue matters there.
+    assert records[1]["transport_clues"] == ["no-plugin", "ib-no-device"]
+    env = {"NCCL_IB_TIMEOUT": "23", "NCCL_IB_HCA": "mlx5_0,mlx5_1,mlx5_2,mlx5_3"}
+    _, [finding] = check_transport(records, backend="nccl", cluster=cluster("leonardo", env, []))
+    assert ("the profile expects InfiniBand (ib), likely cause: NET/IB found no device matching "
+            "NCCL_IB_HCA=mlx5_0,mlx5_1,mlx5_2,mlx5_3") in finding.message
+    assert "NCCL_IB_HCA" in finding.hint and "/dev/infiniband" in finding.hint and "libcxi" not in finding.hint
+    _, [finding] = check_transport(records, backend="nccl", cluster=cluster("leonardo", {"NCCL_IB_TIMEOUT": "23"}))
+    assert "NET/IB found no InfiniBand device: the container does not see the IB devices" in finding.message
+    env = {"NCCL_IB_TIMEOUT": "23", "NCCL_IB_DISABLE": "1"}
+    _, [finding] = check_transport(records, backend="nccl", cluster=cluster("leonardo", env))
+    assert "likely cause: NCCL_IB_DISABLE=1 turns InfiniBand off" in finding.message
+
+
+def test_fallback_without_a_known_fabric_keeps_the_general_hint(tmp_path):
+    records = two_nodes(tmp_path, LEONARDO_IB, LEONARDO_SOCKET, ("a", "b"))
+    _, [finding] = check_transport(records, backend="nccl")  # no profile, no fabric variables
+    assert "likely cause" not in finding.message
+    assert "LUMI:" in finding.hint and "Leonardo:" in finding.hint
+    # Fabricated records that carry only the evidence lines still give the clue.
+    del records[1]["transport_clues"]
+    _, [finding] = check_transport(records, backend="nccl", cluster=cluster("leonardo", {"NCCL_IB_TIMEOUT": "23"}))
+    assert "NET/IB found no InfiniBand device" in finding.message
+    assert fallback_clues(LUMI_CXI) == [] and fallback_clues("") == []
+
+
+def test_the_real_profiles_expect_their_fabrics():
+    lumi = config(["+cluster=lumi", LUMI_ACCOUNT]).cluster
+    leonardo = config(["+cluster=leonardo", LEONARDO_ACCOUNT, "cluster.container.image=/x/l.sif"]).cluster
+    assert expected_fabric(lumi.env) == "cxi" and expected_fabric(leonardo.env) == "ib"
+    assert expected_fabric(config(["+cluster=local_slurm"]).cluster.env) is None
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # GPU identity without a GPU (a fake torch)
 
@@ -245,17 +341,17 @@ def _fake_torch(props, hip="6.2"):
 def test_gpu_identity_prefers_pci_then_uuid_then_index():
     dev = SimpleNamespace(type="cuda", index=0)
     env = {"ROCR_VISIBLE_DEVICES": "4,5"}
-    info = P._gpu_info(_fake_torch(SimpleNamespace(name="MI250X", pci_bus_id=0xd1, pci_device_id=0,
+    info = R._gpu_info(_fake_torch(SimpleNamespace(name="MI250X", pci_bus_id=0xd1, pci_device_id=0,
                                                    pci_domain_id=0, uuid="GPU-0000")), dev, env)
     assert (info["gpu_id_kind"], info["gpu_id"], info["gpu_physical"]) == ("pci", "0000:d1:00", "4")
-    info = P._gpu_info(_fake_torch(SimpleNamespace(name="A100", uuid="GPU-5b1c"), hip=None), dev,
+    info = R._gpu_info(_fake_torch(SimpleNamespace(name="A100", uuid="GPU-5b1c"), hip=None), dev,
                        {"CUDA_VISIBLE_DEVICES": "2"})
     assert (info["gpu_id_kind"], info["gpu_id"]) == ("uuid", "GPU-5b1c")
     # Blank (all-zero) UUIDs, as some ROCm versions report, are no identity.
-    info = P._gpu_info(_fake_torch(SimpleNamespace(name="MI250X", uuid="00000000-0000-0000-0000-000000000000")),
+    info = R._gpu_info(_fake_torch(SimpleNamespace(name="MI250X", uuid="00000000-0000-0000-0000-000000000000")),
                        SimpleNamespace(type="cuda", index=1), {"ROCR_VISIBLE_DEVICES": "6,7"})
     assert (info["gpu_id_kind"], info["gpu_id"]) == ("index", "7")
-    assert P._physical_gpu(1, {"ROCR_VISIBLE_DEVICES": "2,3,4", "HIP_VISIBLE_DEVICES": "2,0"}, hip=True) == "2"
+    assert R._physical_gpu(1, {"ROCR_VISIBLE_DEVICES": "2,3,4", "HIP_VISIBLE_DEVICES": "2,0"}, hip=True) == "2"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -279,12 +375,12 @@ def test_failure_message_is_capped_and_says_how_to_skip():
     assert "train.preflight=false" in msg and "/run/preflight.json" in msg
     table = report.format_table(max_rows=4)
     assert "more rank(s) in preflight.json" not in table  # every failing rank is shown
-    assert P.preflight_enabled({"train": {"preflight": False}}) is False
-    assert P.preflight_enabled({"train": {}}) is True and P.preflight_enabled({}) is True
 
 
-def test_module_import_is_light():
-    code = "import sys, launcher.preflight; assert 'torch' not in sys.modules, 'torch imported'"
+def test_module_import_is_light_and_the_old_module_is_gone():
+    code = ("import sys, launcher.train.preflight; assert 'torch' not in sys.modules, 'torch imported'\n"
+            "try:\n    import launcher.preflight\nexcept ImportError:\n    pass\n"
+            "else:\n    raise SystemExit('launcher.preflight still importable')")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
 
 
@@ -295,7 +391,8 @@ HELPER = textwrap.dedent("""
     import json, os, sys, time
     from datetime import timedelta
     import torch, torch.distributed as dist
-    from launcher.preflight import EXIT_PREFLIGHT, PreflightError, run_preflight
+    from launcher.config.schema import ClusterConfig
+    from launcher.train.preflight import EXIT_PREFLIGHT, PreflightError, PreflightOptions, run_preflight
 
     args = json.loads(sys.argv[1])
     rank, local, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
@@ -304,10 +401,11 @@ HELPER = textwrap.dedent("""
         time.sleep(60)  # never reaches the preflight: the others' watchdog must end the job
     t0 = time.perf_counter()
     try:
-        report = run_preflight(args["cfg"], rank=rank, local_rank=local, world_size=world,
-                               device=torch.device("cpu"), run_dir=args.get("run_dir"),
-                               timeout_s=args.get("timeout_s", 60), require_device=args.get("require_device"),
-                               expected_busbw_gbps=args.get("expected_busbw_gbps"))
+        cluster = ClusterConfig(name="test", partition="x", **args["cluster"]) if args.get("cluster") else None
+        options = PreflightOptions(run_dir=args.get("run_dir"), timeout_s=args.get("timeout_s", 60),
+                                   require_device=args.get("require_device"))
+        report = run_preflight(cluster, rank=rank, local_rank=local, world_size=world, device=torch.device("cpu"),
+                               options=options)
         result, code = {"ok": True, "busbw": report.bandwidth["busbw_gbps"], "ranks": len(report.records),
                         "elapsed_s": time.perf_counter() - t0}, 0
     except PreflightError as e:
@@ -325,7 +423,7 @@ def torchrun(tmp_path, args, timeout=60):
     script = tmp_path / "preflight_job.py"
     script.write_text(HELPER)
     env = {k: v for k, v in os.environ.items()
-           if k not in P.VISIBLE_VARS and not k.startswith(("NCCL_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_"))}
+           if k not in R.VISIBLE_VARS and not k.startswith(("NCCL_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_"))}
     env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TORCHELASTIC_ERROR_FILE="")
     args = {"out": str(tmp_path), **args}
     return subprocess.run(
@@ -341,8 +439,9 @@ def results(tmp_path):
 
 def test_two_ranks_pass_print_table_and_write_json(tmp_path):
     run_dir = tmp_path / "run"
-    proc = torchrun(tmp_path, {"run_dir": str(run_dir), "expected_busbw_gbps": 1000.0,
-                               "cfg": {"cluster": {"device": "cpu", "backend": "gloo", "cpus_per_task": 1}}})
+    # The expectation comes from the profile (cluster.expected_busbw_gbps, a schema field).
+    proc = torchrun(tmp_path, {"run_dir": str(run_dir), "cluster": {"device": "cpu", "backend": "gloo",
+                                                                    "cpus_per_task": 1, "expected_busbw_gbps": 1000.0}})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     res = results(tmp_path)
     assert res[0]["ok"] and res[1]["ok"] and res[0]["busbw"] == res[1]["busbw"] > 0
@@ -366,7 +465,7 @@ def test_required_gpu_missing_stops_every_rank(tmp_path):
     run_dir = tmp_path / "run"
     start = time.perf_counter()
     proc = torchrun(tmp_path, {"run_dir": str(run_dir),
-                               "cfg": {"cluster": {"device": "a100_64gb", "backend": "gloo", "cpus_per_task": 1}}})
+                               "cluster": {"device": "a100_64gb", "backend": "gloo", "cpus_per_task": 1}})
     assert proc.returncode != 0
     assert f"exitcode  : {EXIT_PREFLIGHT}" in proc.stderr  # torchrun's summary of the workers
     res = results(tmp_path)
@@ -384,7 +483,7 @@ def test_required_gpu_missing_stops_every_rank(tmp_path):
 
 
 def test_rank_that_never_arrives_ends_the_job_after_timeout(tmp_path):
-    proc = torchrun(tmp_path, {"absent_rank": 1, "timeout_s": 1.5, "cfg": {}})
+    proc = torchrun(tmp_path, {"absent_rank": 1, "timeout_s": 1.5})
     assert proc.returncode != 0
     assert "preflight: [rank 0 on" in proc.stderr and "timed out after 1.5s" in proc.stderr
     assert "all_gather_object of the records" in proc.stderr
@@ -394,13 +493,13 @@ def test_rank_that_never_arrives_ends_the_job_after_timeout(tmp_path):
 
 def test_single_process_without_process_group(tmp_path, capsys):
     torch = pytest.importorskip("torch")
-    report = P.run_preflight({"cluster": None}, rank=0, local_rank=0, world_size=1, device=torch.device("cpu"),
-                             run_dir=tmp_path, timeout_s=30)
+    report = P.run_preflight(None, rank=0, local_rank=0, world_size=1, device=torch.device("cpu"),
+                             options=P.PreflightOptions(run_dir=tmp_path, timeout_s=30))
     assert report.ok and report.bandwidth["skipped"] == "single rank" and report.transport == "n/a"
     assert "preflight: PASSED" in capsys.readouterr().out
     assert json.loads((tmp_path / "preflight.json").read_text())["records"][0]["rank"] == 0
     with pytest.raises(P.PreflightError, match="not initialized"):
-        P.run_preflight({}, rank=0, local_rank=0, world_size=2, device=torch.device("cpu"))
+        P.run_preflight(None, rank=0, local_rank=0, world_size=2, device=torch.device("cpu"))
 
 
 def test_broken_record_and_multi_backend_string():

@@ -13,8 +13,8 @@ transformers' ``sdpa_attention_forward`` does:
 ``probe_attention(device)`` runs each of those calls under one kernel only (``torch.nn.attention.sdpa_kernel``) and
 compares the result with the math kernel in fp32 on the same inputs; ``attention_findings`` turns the outcome into
 warning lines that say what it means for memory and what to do. Called by every rank in the preflight
-(``launcher.preflight.run_preflight``) on CUDA and ROCm devices (ROCm devices are ``cuda`` to torch); on CPU there is
-nothing to check (the plan counts the score term there).
+(``launcher.train.preflight.run_preflight``) on CUDA and ROCm devices (ROCm devices are ``cuda`` to torch); on CPU
+there is nothing to check (the plan counts the score term there).
 
 Module import is stdlib only: torch is imported inside the functions.
 """
@@ -23,7 +23,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence
+
+if TYPE_CHECKING:
+    from launcher.config.schema import ModelConfig
 
 # Tolerances of a kernel's output against the fp32 math reference, per dtype of the kernel's inputs:
 # |out - ref| <= atol + rtol * |ref|, elementwise. bf16 has an 8-bit mantissa (rounding 2^-9 = 0.2%); outputs are
@@ -204,14 +207,21 @@ def compare_backends(device: Any, backends: Sequence[str], *, call: str = "gqa c
 # The probe
 
 
-def probe_shape(model_cfg: Optional[Mapping[str, Any]] = None) -> Dict[str, int]:
+def _model_value(model_cfg: Any, name: str) -> Any:
+    """``model_cfg.name`` of a ``ModelConfig``, or ``model_cfg[name]`` of a mapping (None when absent)."""
+    if isinstance(model_cfg, Mapping):
+        return model_cfg.get(name)
+    return getattr(model_cfg, name, None)
+
+
+def probe_shape(model_cfg: Optional["ModelConfig | Mapping[str, Any]"] = None) -> Dict[str, int]:
     """Head dim and head counts for the probe: the model's head dim and GQA ratio, at most 2 K/V heads."""
-    model_cfg = model_cfg or {}
     head_dim = DEFAULT_HEAD_DIM
     ratio = DEFAULT_GQA_RATIO
     try:
-        hidden, heads = int(model_cfg.get("hidden_size") or 0), int(model_cfg.get("num_heads") or 0)
-        kv = int(model_cfg.get("num_kv_heads") or heads or 0)
+        hidden = int(_model_value(model_cfg, "hidden_size") or 0)
+        heads = int(_model_value(model_cfg, "num_heads") or 0)
+        kv = int(_model_value(model_cfg, "num_kv_heads") or heads or 0)
         if hidden and heads and hidden % heads == 0 and 0 < hidden // heads <= MAX_HEAD_DIM:
             head_dim = hidden // heads
         if kv and heads % kv == 0 and heads // kv > 1:
@@ -273,7 +283,8 @@ def run_probe(device: Any, *, dtype: Optional[str] = None, head_dim: int = DEFAU
     return probe
 
 
-def probe_attention(device: Any, model_cfg: Optional[Mapping[str, Any]] = None) -> Optional[AttentionProbe]:
+def probe_attention(device: Any, model_cfg: Optional["ModelConfig | Mapping[str, Any]"] = None
+                    ) -> Optional[AttentionProbe]:
     """``run_probe`` on a CUDA or ROCm device with the model's head shape; None on any other device (nothing to
     check: the plan assumes no flash kernel there)."""
     if getattr(device, "type", None) != "cuda":
@@ -359,10 +370,11 @@ def attention_findings(probe: Optional[AttentionProbe | Mapping[str, Any]], plan
 
 
 def record_findings(records: Sequence[Mapping[str, Any]], *, planner_assumes_flash: bool) -> List[Dict[str, Any]]:
-    """Preflight findings (dicts with ``launcher.preflight.Finding``'s fields) from each rank's ``record["attention"]``.
+    """Preflight findings (dicts with ``launcher.train.preflight.Finding``'s fields) from each rank's
+    ``record["attention"]``.
 
     Identical lines from several ranks become one finding that names the ranks."""
-    from launcher.preflight import format_ints
+    from launcher.train.preflight.records import format_ints
 
     by_line: Dict[str, List[int]] = {}
     for record in sorted(records, key=lambda r: r["rank"]):
