@@ -65,9 +65,19 @@ def to_typed(cfg: "DictConfig", **replace: object) -> "LauncherConfig":
 
 def validated(overrides: Sequence[str] = ()) -> "LauncherConfig":
     """Compose, check and validate as the command line does, then convert: the config a run really gets."""
+    from omegaconf import OmegaConf
+
     from launcher.config.schema import as_container
-    from launcher.config.validation import validate
+    from launcher.config.validation import check_interpolations, validate
 
     composed = compose(overrides)
-    validate(as_container(composed))
-    return to_typed(composed)
+    check_interpolations(OmegaConf.to_container(composed, resolve=False))
+    data_format = validate(as_container(composed))
+    return with_data_format(to_typed(composed), data_format)
+
+
+def with_data_format(cfg: "LauncherConfig", data_format: str) -> "LauncherConfig":
+    """The config with the data format the login node detected (or the user named): the job reads the same."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, format=data_format))

@@ -1,0 +1,67 @@
+"""Inputs checked on the login node before anything waits in a queue: the data (it exists, is text, its format is
+detected or checked, its first records parse, a bad line is named as file:line), the model and tokenizer
+directories. Reads only the first records of each file; stdlib only (``launcher.train.data_formats`` is too)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from launcher.errors import ConfigError
+
+# Records read per file on the login node: enough for the format and a malformed line early in a file.
+RECORDS_CHECKED = 200
+_SNIFF_BYTES = 8192
+
+
+def check_inputs(cfg: Mapping[str, Any]) -> str:
+    """Check data, model and tokenizer paths; returns the data format (explicit, else detected from the file)."""
+    for key in ("pretrained", "tokenizer"):
+        value = cfg["model"][key]
+        if value is not None and (not str(value).strip() or not Path(value).expanduser().is_dir()):
+            raise ConfigError(f"model.{key}", value, "an existing local directory (compute nodes never download)")
+    return check_data(cfg["data"])
+
+
+def check_data(data: Mapping[str, Any]) -> str:
+    from launcher.train.data_formats import resolve_data_files, validate_data_file
+
+    raw = data["path"]
+    path = Path(str(raw)).expanduser()
+    if not str(raw).strip() or not path.exists():
+        raise ConfigError("data.path", raw, "an existing file or directory of data files")
+    try:
+        files = resolve_data_files(path)
+    except (ValueError, OSError) as error:
+        raise ConfigError("data.path", str(path), f"a file or a directory holding data files ({error})") from None
+    for file in files:
+        problem = _not_text(file)
+        if problem:
+            raise ConfigError("data.path", str(file), f"a non-empty text file ({problem})")
+    try:
+        summary = validate_data_file(path, data["format"], max_records=RECORDS_CHECKED)
+    except ConfigError:
+        raise
+    except (ValueError, OSError, UnicodeDecodeError) as error:
+        allowed = "records of the format: " + (data["format"] or "detected from the first record")
+        raise ConfigError("data.path", str(path), f"{allowed}; {error}") from None
+    return summary.format
+
+
+def _not_text(path: Path) -> Optional[str]:
+    """Why ``path`` is not a text data file (empty, binary, not UTF-8), or None."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(_SNIFF_BYTES)
+    except OSError as error:
+        return f"unreadable: {error.strerror}"
+    if not head.strip():
+        return "it is empty"
+    if b"\x00" in head:
+        return "it holds NUL bytes: a binary file"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as error:
+        if error.start < len(head) - 4:  # a multi-byte character cut at the sniff boundary is fine
+            return f"not UTF-8 at byte {error.start}"
+    return None
