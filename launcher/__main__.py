@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Dict
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from launcher.config import check_overrides, compose, setup_hydra, to_typed
 from launcher.config.schema import as_container
@@ -19,13 +19,16 @@ from launcher.paths import CONF_DIR
 
 
 def _hydra_task(cfg: DictConfig) -> Dict[str, Any]:
-    from launcher.config.validation import validate
+    from launcher.config import with_data_format
+    from launcher.config.validation import check_interpolations, validate
     from launcher.launch import launch
 
     try:
+        check_interpolations(OmegaConf.to_container(cfg, resolve=False))
         plain = _sweep_point(as_container(cfg))
-        validate(plain)  # on the plain tree first: the typed conversion would silently keep unknown '+' keys
-        result = launch(to_typed(cfg, run_name=plain["run_name"]))
+        # On the plain tree first: the typed conversion would silently keep unknown '+' keys.
+        data_format = validate(plain)
+        result = launch(with_data_format(to_typed(cfg, run_name=plain["run_name"]), data_format))
     except ConfigError as error:
         print(f"launcher: error: {error}", file=sys.stderr)
         sys.exit(2)
@@ -62,6 +65,25 @@ def _compose_or_exit(argv: list[str]) -> DictConfig:
         sys.exit(2)
 
 
+def _check_every_point(argv: list[str]) -> None:
+    """A -m sweep: every point is composed and checked before any is submitted or trained (Hydra's launcher would
+    reach a bad third point only after submitting the first two)."""
+    if not any(arg in ("-m", "--multirun") for arg in argv):
+        return
+    from launcher.config import validated
+    from launcher.config.sweep import sweep_points
+    from launcher.launch import check_point
+
+    points = sweep_points(argv)
+    for index, point in enumerate(points):
+        try:
+            check_point(validated(point))
+        except ConfigError as error:
+            print(f"launcher: error: sweep point #{index} of {len(points)} ({' '.join(point)}): {error}",
+                  file=sys.stderr)
+            sys.exit(2)
+
+
 def main() -> None:
     argv = sys.argv[1:]
     setup_hydra()
@@ -75,6 +97,7 @@ def main() -> None:
         # grammar). hydra.main composes twice and sets up logging and a job runtime that a single run does not use.
         _hydra_task(_compose_or_exit(argv))
         return
+    _check_every_point(argv)
     import hydra
 
     hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_hydra_task)()

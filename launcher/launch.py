@@ -27,6 +27,20 @@ class LaunchResult:
     job_id: Optional[str] = None
 
 
+def check_point(cfg: LauncherConfig) -> None:
+    """Everything a submission would refuse, without submitting or writing: every point of a sweep is checked so
+    before the first one is submitted or trained."""
+    if cfg.cluster is None:
+        return
+    plan = make_plan(cfg)
+    cfg = apply_global_batch(cfg, plan.world_size)
+    render_script(cfg, plan)
+    if not cfg.dry_run:
+        from launcher.plan.fit import check_fits
+
+        check_fits(cfg, plan.world_size)
+
+
 def launch(cfg: LauncherConfig) -> LaunchResult:
     """One validated point of a run or a sweep: dry-run, submit or train locally."""
     return _launch_cluster(cfg) if cfg.cluster else _launch_local(cfg)
@@ -71,10 +85,11 @@ def _print_dry_run(cfg: LauncherConfig, plan: JobPlan, script: str) -> None:
     from launcher.plan.budget import estimate_budget
     from launcher.plan.fit import memory_report
 
+    # Everything that can fail first: a refused dry run leaves no job.sh behind.
+    report, budget, summary = memory_report(cfg, plan.world_size), estimate_budget(cfg, plan), cluster_summary(cfg, plan)
     path = write_script(plan.run_dir, script)
-    print(f"launcher: dry run, nothing submitted\n{cluster_summary(cfg, plan)}\n  script      {path}\n")
-    print(f"memory per device ({cfg.model.name}, {plan.nodes} nodes):\n{memory_report(cfg, plan.world_size)}\n")
-    budget = estimate_budget(cfg, plan)
+    print(f"launcher: dry run, nothing submitted\n{summary}\n  script      {path}\n")
+    print(f"memory per device ({cfg.model.name}, {plan.nodes} nodes):\n{report}\n")
     if budget is not None:
         print(f"budget: {budget.describe()}\n")
     print(script)

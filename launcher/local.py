@@ -5,12 +5,14 @@ from __future__ import annotations
 import importlib.util
 import os
 import shlex
+import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import List
+from typing import List, TextIO
 
 from launcher.config.schema import LauncherConfig
+from launcher.rundir import EXIT_BAD_INPUT
 
 from launcher.errors import ConfigError
 
@@ -60,4 +62,43 @@ def run_local(cfg: LauncherConfig, run_dir: Path) -> int:
     # A run launched from a checkout must import that checkout in the workers too.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")]))
     print(f"launcher: {describe(command)}", flush=True)
-    return subprocess.call(command, env=env)
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True, errors="replace")
+    errors = RankErrors()
+    assert process.stderr is not None
+    for line in process.stderr:
+        errors.forward(line, sys.stderr)
+    code = process.wait()
+    # torchrun exits 1 for any failed rank: a rank's bad-input line means the user's input, as on the login node.
+    return EXIT_BAD_INPUT if code and errors.bad_input else code
+
+
+class RankErrors:
+    """Filters torchrun's stderr: each rank's error line once (every rank reports the same bad input), and nothing of
+    the agent's ChildFailedError report that follows a failed rank (its traceback is torchrun's, not the user's)."""
+
+    _RANK_LINE = re.compile(r"^train: \[rank \d+\] (error|stopping): (.*)$")
+    _AGENT_LOG = re.compile(r"^[EW]\d{4} .*torch/distributed/elastic/")  # the agent's own log lines
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+        self.bad_input = False
+        self.agent_report = False
+
+    def forward(self, line: str, out: TextIO) -> None:
+        if self.agent_report:
+            return
+        if self._AGENT_LOG.match(line):
+            # Stopping the other ranks (W), then the failure report (E ...) and its traceback: all the agent's.
+            self.agent_report = line.startswith("E")
+            return
+        match = self._RANK_LINE.match(line.rstrip("\n"))
+        if match is None:
+            out.write(line)
+            out.flush()
+            return
+        kind, message = match.groups()
+        self.bad_input = self.bad_input or kind == "error"
+        if kind == "error" and message not in self.seen:
+            self.seen.add(message)
+            out.write(f"launcher: error: {message}\n")
+            out.flush()

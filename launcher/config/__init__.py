@@ -77,7 +77,16 @@ def validated(overrides: Sequence[str] = ()) -> "LauncherConfig":
 
 
 def with_data_format(cfg: "LauncherConfig", data_format: str) -> "LauncherConfig":
-    """The config with the data format the login node detected (or the user named): the job reads the same."""
+    """The config with the data format the login node detected (or the user named) and absolute input paths: the job
+    reads the same files, whatever directory it starts in."""
     import dataclasses
+    from pathlib import Path
 
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, format=data_format))
+    def absolute(path: "str | None") -> "str | None":
+        return str(Path(path).expanduser().absolute()) if path else path
+
+    data = dataclasses.replace(cfg.data, format=data_format, path=absolute(cfg.data.path),
+                               cache_dir=absolute(cfg.data.cache_dir))
+    model = dataclasses.replace(cfg.model, pretrained=absolute(cfg.model.pretrained),
+                                tokenizer=absolute(cfg.model.tokenizer))
+    return dataclasses.replace(cfg, data=data, model=model)

@@ -16,10 +16,16 @@ _SNIFF_BYTES = 8192
 
 def check_inputs(cfg: Mapping[str, Any]) -> str:
     """Check data, model and tokenizer paths; returns the data format (explicit, else detected from the file)."""
-    for key in ("pretrained", "tokenizer"):
+    for key, needs in (("pretrained", ("config.json",)), ("tokenizer", ("tokenizer.json", "tokenizer_config.json"))):
         value = cfg["model"][key]
-        if value is not None and (not str(value).strip() or not Path(value).expanduser().is_dir()):
+        if value is None:
+            continue
+        path = Path(str(value)).expanduser()
+        if not str(value).strip() or not path.is_dir():
             raise ConfigError(f"model.{key}", value, "an existing local directory (compute nodes never download)")
+        if not any((path / name).is_file() for name in needs):
+            raise ConfigError(f"model.{key}", value, f"a Hugging Face directory holding {' or '.join(needs)} "
+                                                     "(save_pretrained writes it)")
     return check_data(cfg["data"])
 
 

@@ -53,6 +53,17 @@ def name_sweep_point(cfg: Dict[str, Any], argv: Sequence[str], task_overrides: S
     return {**cfg, "run_name": f"{cfg['run_name']}__{point_suffix(task_overrides, keys)}"}
 
 
+def sweep_points(argv: Sequence[str]) -> List[List[str]]:
+    """The override list of every point a ``-m`` command line sweeps over, in Hydra's own order (its basic sweeper's
+    cartesian product), so that every point can be checked before the first one runs."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    arguments = [arg for arg in argv if not arg.startswith("-") and not arg.lstrip("+~").startswith("hydra.")]
+    overrides = OverridesParser.create().parse_overrides(arguments)
+    return [point for batch in BasicSweeper.split_arguments(overrides, None) for point in batch]
+
+
 class SweepSummary(Callback):
     """Hydra callback (conf/config.yaml, hydra.callbacks): one line per point at the end of a -m sweep."""
 

@@ -129,6 +129,12 @@ def _check_names(cfg: Mapping[str, Any]) -> None:
             raise ConfigError(field, value, "no ',' or ':' (the run directory is bound into the container by path)")
     if not str(output_dir).strip():
         raise ConfigError("output_dir", output_dir, "a directory path")
+    if (cfg.get("cluster") or {}).get("container"):
+        inputs = {"data.path": cfg["data"]["path"], "data.cache_dir": cfg["data"]["cache_dir"],
+                  "model.pretrained": cfg["model"]["pretrained"], "model.tokenizer": cfg["model"]["tokenizer"]}
+        for field, value in inputs.items():
+            if value and _UNBINDABLE.search(str(value)):
+                raise ConfigError(field, value, "a path without ',' or ':' (it is bound into the container by path)")
 
 
 def _walk_keys_and_values(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:

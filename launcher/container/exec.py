@@ -198,8 +198,9 @@ def batch_setup_lines(cluster: ClusterConfig) -> List[str]:
 
 def command_prefix(cluster: ClusterConfig, *, code_dir: Optional[Path], paths: Sequence[Any] = ()) -> str:
     """The shell text srun starts on each task (followed by ``-u -m submitit.core._submit <folder>``): the
-    container's python, or without a container ``cluster.python`` as written, else this interpreter."""
+    container's python, or without a container ``cluster.python`` (each word quoted: data, never shell syntax),
+    else this interpreter."""
     container = cluster.container
     if not container:
-        return cluster.python or shlex.quote(sys.executable)
+        return shlex.join(shlex.split(cluster.python)) if cluster.python else shlex.quote(sys.executable)
     return " ".join(shlex.quote(arg) for arg in exec_command(container, code_dir=code_dir, paths=paths))

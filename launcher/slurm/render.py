@@ -62,8 +62,16 @@ def code_dir() -> Path | None:
 
 
 def python_command(cfg: LauncherConfig, plan: JobPlan) -> str:
-    """What srun starts on each task: the container's python (binding the code and run directory), or a plain one."""
-    return containers.command_prefix(cfg.cluster, code_dir=code_dir(), paths=[plan.run_dir])
+    """What srun starts on each task: the container's python, binding the code, the run directory and the inputs the
+    job reads (when no profile bind covers them), or a plain one."""
+    return containers.command_prefix(cfg.cluster, code_dir=code_dir(), paths=[plan.run_dir, *input_paths(cfg)])
+
+
+def input_paths(cfg: LauncherConfig) -> List[Path]:
+    """The data, model, tokenizer and cache paths the job opens; bundled examples travel with the code."""
+    paths = [cfg.data.path, cfg.data.cache_dir, cfg.model.pretrained, cfg.model.tokenizer]
+    resolved = [Path(p).expanduser().absolute() for p in paths if p]
+    return [p for p in resolved if not p.is_relative_to(PACKAGE_DIR)]
 
 
 def srun_args(cluster: ClusterConfig) -> List[str]:
