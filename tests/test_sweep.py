@@ -24,10 +24,21 @@ def test_dry_run_sweep_writes_one_script_per_point_and_a_summary(tmp_path):
     done = run_launcher(["-m", "+cluster=lumi", LUMI_ACCOUNT, "run_name=bench", "nodes=1,2",
                          "strategy=zero2,zero3", "dry_run=true"], cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    points = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    points = sorted(p.name for p in (tmp_path / "runs").iterdir() if p.name != ".sweeps")
     assert points == ["bench__nodes=1+strategy=zero2", "bench__nodes=1+strategy=zero3",
                       "bench__nodes=2+strategy=zero2", "bench__nodes=2+strategy=zero3"]
     assert all((tmp_path / "runs" / p / "job.sh").is_file() for p in points)
     assert "launcher: sweep of 4 points" in done.stdout
     assert "#SBATCH --nodes=2" in (tmp_path / "runs" / points[2] / "job.sh").read_text()
     assert not (tmp_path / "outputs").exists() and not (tmp_path / "multirun").exists()
+    # Nothing outside output_dir: Hydra's sweep record sits beside the runs.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+    assert list((tmp_path / "runs" / ".sweeps").glob("*/multirun.yaml"))
+
+
+def test_a_bad_point_stops_the_sweep_before_anything_is_written(tmp_path):
+    done = run_launcher(["-m", "+cluster=lumi", LUMI_ACCOUNT, "cluster.partition=small-g", "nodes=1,2,5",
+                         "dry_run=true"], cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "sweep point #2 of 3" in done.stderr and "nodes=5 is not allowed: 1..4" in done.stderr
+    assert list(tmp_path.iterdir()) == []  # not even the first two points' scripts

@@ -127,6 +127,7 @@ def test_global_batch_size_derives_grad_accum_per_world_size():
 def test_hugging_face_snapshot_paths_are_not_mistaken_for_credentials(tmp_path):
     snapshot = tmp_path / "models--meta-llama--Llama-3.1-8B" / "snapshots" / ("0123456789abcdef" * 3)[:40]
     snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
     assert config([f"model.pretrained={snapshot}"]).model.pretrained == str(snapshot)  # validated, not refused
     error = error_for(["+cluster=local_slurm", "+cluster.env.WANDB_KEYISH=" + "ab12" * 10])
     assert error.field == "cluster.env.WANDB_KEYISH"
