@@ -12,3 +12,13 @@ class ConfigError(ValueError):
         if hint:
             message += f" ({hint})"
         super().__init__(message)
+
+
+class UserError(ValueError):
+    """A bad argument, file or value given to a tool (``python -m launcher.status``, ``.scaling``, ``.container``):
+    what it is, the value, why it cannot be used and what is allowed. ``launcher.cli_errors.run_cli`` prints it as
+    one line ``launcher: error: <field>=<value>: <why>; <allowed>`` and exits 2."""
+
+    def __init__(self, field: str, value: object, why: str, allowed: str = "") -> None:
+        self.field, self.value, self.why, self.allowed = field, value, why, allowed
+        super().__init__(f"{field}={value}: {why}" + (f"; {allowed}" if allowed else ""))

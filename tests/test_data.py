@@ -5,6 +5,7 @@ Offline and CPU-only; the whole file runs in a few seconds.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -18,6 +19,7 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers/datasets read them at import
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
+from launcher.config.schema import DataConfig, ModelConfig  # noqa: E402
 from launcher.errors import ConfigError  # noqa: E402
 from launcher.paths import EXAMPLES_DIR  # noqa: E402
 from launcher.train import data as data_mod  # noqa: E402
@@ -40,7 +42,7 @@ EXAMPLES = {
     "chat_messages.jsonl": "chat",
     "reviews.csv": "jsonl_text",
 }
-MODEL_CFG = {"vocab_size": 1024, "max_position_embeddings": 512, "tokenizer": None, "pretrained": None}
+MODEL_CFG = ModelConfig(vocab_size=1024, max_position_embeddings=512)
 
 
 def no_barrier() -> None:
@@ -58,9 +60,8 @@ def tokenizer():
 
 
 def data_cfg(path: Path | str, **overrides) -> dict:
-    cfg = {"name": "t", "path": str(path), "format": None, "eval_fraction": 0.05, "train_on_prompt": False,
-           "cache_dir": None}
-    return {**cfg, **overrides}
+    """The data section as the job hands it to launcher.train.data (``asdict`` of the typed section)."""
+    return dataclasses.asdict(DataConfig(name="t", path=str(path), **overrides))
 
 
 def prepare(cfg: dict, tokenizer, tmp_path: Path, seq_len: int = 64, **kwargs):
@@ -185,12 +186,12 @@ def test_tokenizer_resume_and_other_ranks_load_without_training(tmp_path):
 
 def test_tokenizer_from_local_directory(tmp_path, tokenizer):
     tokenizer.save_pretrained(tmp_path / "pre")
-    cfg = {**MODEL_CFG, "pretrained": str(tmp_path / "pre")}
+    cfg = dataclasses.replace(MODEL_CFG, pretrained=str(tmp_path / "pre"))
     tok = load_or_build_tokenizer(cfg, lambda: [], tmp_path / "unused", is_main=False, barrier=None)
     assert len(tok) == len(tokenizer)
     with pytest.raises(FileNotFoundError, match="model.tokenizer=.*missing.*no such directory"):
-        load_or_build_tokenizer({**cfg, "tokenizer": str(tmp_path / "missing")}, lambda: [], tmp_path / "x",
-                                is_main=True, barrier=no_barrier)
+        load_or_build_tokenizer(dataclasses.replace(cfg, tokenizer=str(tmp_path / "missing")), lambda: [],
+                                tmp_path / "x", is_main=True, barrier=no_barrier)
 
 
 # ------------------------------------------------------------------------------------------- datasets
@@ -420,3 +421,43 @@ def test_unshuffled_sampler_and_eval_indices():
     assert eval_indices(5, batch_size=2, rank=1, world_size=2, num_batches=4) == [[2, 3], [1, 2]]
     assert eval_indices(100, batch_size=2, rank=0, world_size=2, num_batches=2) == [[0, 1], [4, 5]]
     assert eval_indices(0, batch_size=2, rank=0, world_size=2, num_batches=2) == []
+
+
+# ------------------------------------------------------------------------------------------- the job's config
+
+
+@pytest.mark.parametrize("cluster", [[], ["+cluster=lumi"]])
+def test_run_config_reads_back_typed_and_unchanged(tmp_path, cluster):
+    from omegaconf import OmegaConf
+
+    from launcher.config import compose
+    from launcher.config.load import read_run_config
+    from launcher.config.schema import ClusterConfig, LauncherConfig, TrainConfig, as_container
+
+    composed = compose(["model=tiny", "data=corpus", "run_name=r", "train.seq_len=32", "train.lr=1e-3", *cluster])
+    OmegaConf.save(composed, tmp_path / "config.yaml", resolve=True)
+    cfg = read_run_config(tmp_path)
+    assert isinstance(cfg, LauncherConfig) and isinstance(cfg.train, TrainConfig)
+    assert isinstance(cfg.cluster, ClusterConfig) if cluster else cfg.cluster is None
+    assert (cfg.train.seq_len, cfg.train.lr, cfg.model.vocab_size) == (32, 1e-3, 1024)
+    assert dataclasses.asdict(cfg) == as_container(composed)  # the config hash of a run keeps its value
+
+
+def test_run_config_drops_retired_keys_and_refuses_bad_values(tmp_path):
+    from omegaconf.errors import ValidationError
+
+    from launcher.config.load import read_run_config, section
+
+    path = tmp_path / "config.yaml"
+    path.write_text("run_name: old\ndata: {path: x.txt}\nstrategy: {name: zero2, zero_stage: 2}\n"
+                    "train: {debug_step_sleep_s: 0}\n")
+    cfg = read_run_config(tmp_path)  # written by an older launcher: zero_stage is no schema field any more
+    assert cfg.strategy.name == "zero2" and not hasattr(cfg.strategy, "zero_stage")
+    assert isinstance(cfg.train.debug_step_sleep_s, float)  # schema types, not YAML's
+    path.write_text("run_name: bad\ndata: {path: x.txt}\ntrain: {lr: fast}\n")
+    with pytest.raises(ValidationError, match="lr"):
+        read_run_config(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no resolved config"):
+        read_run_config(tmp_path / "absent")
+    assert section({"vocab_size": 300}, ModelConfig) == ModelConfig(vocab_size=300)
+    assert section(MODEL_CFG, ModelConfig) is MODEL_CFG

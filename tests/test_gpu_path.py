@@ -98,8 +98,8 @@ def test_throughput_window_reads_the_clock_after_the_devices_queued_work() -> No
 
 def test_leonardo_profile_leaves_cuda_device_max_connections_unset() -> None:
     cfg = config(["+cluster=leonardo", LEONARDO_ACCOUNT])
-    assert "CUDA_DEVICE_MAX_CONNECTIONS" not in cfg["cluster"]["env"]
-    assert cfg["cluster"]["env"]["NCCL_IB_TIMEOUT"] == "23"
+    assert "CUDA_DEVICE_MAX_CONNECTIONS" not in cfg.cluster.env
+    assert cfg.cluster.env["NCCL_IB_TIMEOUT"] == "23"
 
 
 def test_deepspeed_floor_is_one_number_in_pyproject_and_in_the_code(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -112,9 +112,9 @@ def test_deepspeed_floor_is_one_number_in_pyproject_and_in_the_code(monkeypatch:
     assert ds.parse_version("0.19.8+cuda124") == (0, 19, 8) and ds.parse_version("0.20.0rc1") == (0, 20, 0)
     monkeypatch.setattr(ds, "package_version", lambda name: "0.19.2")
     with pytest.raises(StrategyUnavailable, match=r"deepspeed>=0\.19\.3, found 0\.19\.2"):
-        ds.DeepSpeedStrategy.check_available()
+        ds.check_available()
     monkeypatch.setattr(ds, "package_version", lambda name: "0.19.3")
-    ds.DeepSpeedStrategy.check_available()
+    ds.check_available()
 
 
 def test_zero_accumulates_gradients_in_fp32() -> None:
@@ -122,9 +122,8 @@ def test_zero_accumulates_gradients_in_fp32() -> None:
 
     train = SimpleNamespace(micro_batch_size=2, grad_accum=4, grad_clip=1.0)
     for stage in ("zero1", "zero2", "zero3"):
-        cfg = SimpleNamespace(train=train, strategy=SimpleNamespace(name=stage, offload_optimizer=False,
-                                                                    offload_params=False))
-        ds_config = deepspeed_config(cfg, world_size=8, precision="bf16", device_type="cuda")
+        strategy = SimpleNamespace(name=stage, offload_optimizer=False, offload_params=False)
+        ds_config = deepspeed_config(strategy, train, world_size=8, precision="bf16", device_type="cuda")
         assert ds_config["data_types"] == {"grad_accum_dtype": "fp32"}
 
 

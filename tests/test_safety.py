@@ -106,7 +106,7 @@ def test_dry_run_writes_the_script_into_the_run_dir(tmp_path):
     assert done.returncode == 0, done.stderr
     script = (tmp_path / "runs" / "first" / "job.sh").read_text()
     assert script in done.stdout
-    assert "cost        4.0 GPU-hours" in done.stdout and "world size  8" in done.stdout
+    assert "cost        4.00 GPU-hours" in done.stdout and "world size  8" in done.stdout
 
 
 def test_submission_without_sbatch_fails_at_once_suggesting_dry_run(tmp_path):

@@ -362,7 +362,7 @@ def test_one_unreadable_point_does_not_stop_the_report(sweep, tmp_path):
     assert wrong.status == "failed" and wrong.reason.startswith("config.yaml unreadable: does not fit the schema")
     assert "train.max_steps" in wrong.reason
     unreadable = by_name[metrics_dir.name]
-    assert unreadable.reason == "metrics.jsonl unreadable: IsADirectoryError: Is a directory"
+    assert unreadable.reason == "metrics.jsonl unreadable: a directory, not a regular file"
     assert unreadable.devices == 64  # what the config says is kept
     assert f"**failed** ({yaml_broken.name}): config.yaml unreadable" in result["markdown"]
     assert [r["status"] for r in csv.DictReader((tmp_path / "out" / "scaling.csv").open())].count("ok") == 1

@@ -17,6 +17,7 @@ from launcher.train import distributed as D  # noqa: E402
 from launcher.train.checkpoint import (  # noqa: E402
     COMPLETE, STATE_FILE, CheckpointManager, config_hash, training_config,
 )
+from launcher.config.strategies import strategy_spec  # noqa: E402
 from launcher.train.metrics import flops_per_token, truncate_history  # noqa: E402
 from launcher.train.schedule import WarmupCosine  # noqa: E402
 
@@ -129,11 +130,13 @@ def test_metrics_history_is_cut_back_to_the_resumed_step(tmp_path: Path) -> None
 
 
 def _cfg(strategy: str, **strategy_overrides):
+    """(strategy section, train section) of a composed config."""
     from launcher.config import compose
 
     overrides = [f"strategy={strategy}", "train.micro_batch_size=4", "train.grad_accum=3", "train.grad_clip=0.5"]
     overrides += [f"strategy.{k}={v}" for k, v in strategy_overrides.items()]
-    return compose(overrides)
+    cfg = compose(overrides)
+    return cfg.strategy, cfg.train
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
@@ -141,13 +144,13 @@ def test_deepspeed_config_follows_ours(stage: int) -> None:
     pytest.importorskip("deepspeed")
     from launcher.train.strategies.deepspeed import deepspeed_config
 
-    ds = deepspeed_config(_cfg(f"zero{stage}"), world_size=8, precision="bf16", device_type="cuda")
+    ds = deepspeed_config(*_cfg(f"zero{stage}"), world_size=8, precision="bf16", device_type="cuda")
     assert ds["zero_optimization"]["stage"] == stage
     batch = (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"])
     assert batch == (4, 3, 96)
     assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] and ds["zero_allow_untested_optimizer"]
     assert ("stage3_gather_16bit_weights_on_model_save" in ds["zero_optimization"]) == (stage == 3)
-    cpu = deepspeed_config(_cfg(f"zero{stage}"), world_size=2, precision="fp32", device_type="cpu")
+    cpu = deepspeed_config(*_cfg(f"zero{stage}"), world_size=2, precision="fp32", device_type="cpu")
     assert not cpu["bf16"]["enabled"]
 
 
@@ -155,7 +158,7 @@ def test_deepspeed_offload_settings() -> None:
     pytest.importorskip("deepspeed")
     from launcher.train.strategies.deepspeed import deepspeed_config
 
-    ds = deepspeed_config(_cfg("zero3", offload_optimizer=True, offload_params=True), world_size=4, precision="bf16",
+    ds = deepspeed_config(*_cfg("zero3", offload_optimizer=True, offload_params=True), world_size=4, precision="bf16",
                           device_type="cuda")
     assert ds["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
     assert ds["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": True}
@@ -165,10 +168,9 @@ def test_deepspeed_offload_settings() -> None:
 
 
 class _FakeStrategy:
-    name = "ddp"
+    """What CheckpointManager reads of a strategy: its spec (name, resharding; the engine's checkpoint check)."""
 
-    def checkpoint_problem(self, directory: Path):
-        return None if (directory / "dcp" / ".metadata").is_file() else "no dcp/.metadata"
+    spec = strategy_spec("ddp")
 
 
 def _env() -> D.DistEnv:
@@ -230,6 +232,104 @@ def test_config_hash_ignores_bookkeeping_keys() -> None:
     assert "train.lr" in training_config(base) and "train.max_steps" not in training_config(base)
 
 
+class _SavingStrategy(_FakeStrategy):
+    """Writes one DCP-looking shard per save, like a strategy's ``save`` (and has a scheduler to record)."""
+
+    def __init__(self) -> None:
+        from launcher.train.schedule import build_scheduler
+
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1e-3)
+        self.scheduler = build_scheduler(optimizer, SimpleNamespace(warmup_steps=1, max_steps=4, min_lr_ratio=0.1))
+
+    def save(self, directory: Path) -> None:
+        (directory / "dcp").mkdir()
+        (directory / "dcp" / ".metadata").write_bytes(b"m" * 7)
+        (directory / "dcp" / "__0_0.distcp").write_bytes(b"x" * 1000)
+
+
+def test_a_save_lists_every_file_once_and_records_the_scheduler(tmp_path: Path, monkeypatch) -> None:
+    from launcher.train import checkpoint as C
+
+    synced: list = []
+    monkeypatch.setattr(C, "fsync_file", lambda path: synced.append(Path(path).name))
+    manager = CheckpointManager(tmp_path, _env(), _SavingStrategy(), keep_last=2, keep_every=None)
+    result = manager.save(3, {"sampler": {"offset": 8}})
+    path = tmp_path / "step-3"
+    files = json.loads((path / COMPLETE).read_text())["files"]
+    assert sorted(files) == ["dcp/.metadata", "dcp/__0_0.distcp", "rng/rank-00000.pt", STATE_FILE]
+    assert all((path / rel).stat().st_size == size for rel, size in files.items())
+    on_disk = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    assert result["size_gb"] == pytest.approx(on_disk / 1e9, abs=0)
+    assert synced == ["rank-00000.pt"]  # the rank's own RNG file; the strategy fsyncs what it wrote
+    state = manager.read_state(path)
+    assert state["strategy"] == "ddp" and state["sampler"] == {"offset": 8} and state["scheduler"]["last_epoch"] == 0
+    assert manager.find_latest() == path
+
+
+# ------------------------------------------------------------------------------------------------- the loop's batches
+
+
+class _Split:
+    """Notes which indices it collates; a batch is the indices themselves."""
+
+    def __init__(self) -> None:
+        self.calls: list = []
+
+    def collate(self, indices, *, skip_full_mask: bool = False):
+        self.calls.append(list(indices))
+        return {"input_ids": torch.tensor([indices])}
+
+
+def test_batches_drawn_ahead_leave_the_checkpointed_position_at_the_first_untrained_one() -> None:
+    from launcher.train.batches import DeviceBatches
+    from launcher.train.sampler import ResumableSampler
+
+    def sampler():
+        return ResumableSampler(64, global_batch_size=2, rank=0, world_size=1, seed=3)
+
+    plain = DeviceBatches(_Split(), sampler(), torch.device("cpu"))
+    ahead = DeviceBatches(_Split(), sampler(), torch.device("cpu"))
+    ahead.ahead = True  # what a GPU does; the copies themselves stay on the CPU here
+    for _ in range(5):
+        assert torch.equal(plain.next()["input_ids"], ahead.next()["input_ids"])
+        assert ahead.sampler_state() == plain.sampler_state() == plain.sampler.state_dict()
+    assert len(ahead.split.calls) == 6 and len(plain.split.calls) == 5
+    assert torch.equal(plain.next(more=False)["input_ids"], ahead.next(more=False)["input_ids"])
+    assert ahead.sampler_state() == ahead.sampler.state_dict()  # nothing ahead after the last batch
+    resumed = DeviceBatches(_Split(), sampler(), torch.device("cpu"))
+    resumed.sampler.load_state_dict(plain.sampler_state())
+    assert torch.equal(resumed.next()["input_ids"], plain.next()["input_ids"])
+
+
+def test_packed_batches_without_padding_carry_no_attention_mask(tmp_path: Path) -> None:
+    import numpy as np
+
+    from launcher.train.data import IGNORE_INDEX, TokenizedSplit
+
+    rows = np.arange(12, dtype=np.int32).reshape(3, 4)
+    np.save(tmp_path / "input_ids.npy", rows)
+    np.save(tmp_path / "lengths.npy", np.array([4, 4, 2], dtype=np.int32))
+    split = TokenizedSplit(tmp_path, packed=True)
+    full = split.collate([0, 1], skip_full_mask=True)
+    assert sorted(full) == ["input_ids", "labels"] and torch.equal(full["labels"], full["input_ids"])
+    assert split.collate([0, 1])["attention_mask"].all()  # without skip_full_mask: a mask of ones, as before
+    padded = split.collate([0, 2], skip_full_mask=True)
+    assert padded["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert padded["labels"][1].tolist() == [8, 9, IGNORE_INDEX, IGNORE_INDEX]
+
+
+def test_the_stop_agreement_reuses_its_buffer() -> None:
+    agreement = D.LaggedAgreement(torch.device("cpu"))
+    assert agreement.collect() is None
+    agreement.post([1.0, 0.0])
+    buffer = agreement._host
+    with pytest.raises(RuntimeError, match="collect"):
+        agreement.post([0.0, 0.0])
+    assert agreement.collect() == [1.0, 0.0]
+    agreement.post([0.0, 1.0])
+    assert agreement._host is buffer and agreement.collect() == [0.0, 1.0]
+
+
 # ------------------------------------------------------------------------------------------------- model checks
 
 
@@ -273,6 +373,33 @@ def test_models_built_from_the_config_are_seeded(tiny_model) -> None:
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
 
 
+def test_ddp_autocasts_inside_the_model_for_training_and_evaluation(tmp_path: Path) -> None:
+    """bf16 belongs to DDP alone: its forward (called by the loop for training and for eval) runs under autocast."""
+    import torch.distributed as dist
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from launcher.train.strategies.ddp import DDPStrategy
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16)
+        strategy_cfg = SimpleNamespace(name="ddp", precision="bf16", offload_optimizer=False, offload_params=False)
+        train = SimpleNamespace(grad_accum=1, grad_clip=1.0, lr=1e-3, weight_decay=0.0, warmup_steps=1, max_steps=2,
+                                min_lr_ratio=0.1)
+        strategy = DDPStrategy(strategy_cfg, train, _env())
+        strategy.wrap(LlamaForCausalLM(config))
+        ids = torch.arange(8).unsqueeze(0)
+        assert torch.isfinite(strategy.forward_backward({"input_ids": ids, "labels": ids}, last=True))
+        assert torch.isfinite(strategy.step())
+        strategy.model.eval()
+        with torch.no_grad():
+            assert strategy.model(input_ids=ids).logits.dtype == torch.bfloat16
+        assert all(p.dtype == torch.float32 for p in strategy.module.parameters())
+    finally:
+        dist.destroy_process_group()
+
+
 def test_a_strategy_the_packages_cannot_run_names_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
     from launcher.train.strategies import StrategyUnavailable, strategy_class
     from launcher.train.strategies import deepspeed as ds_module
@@ -283,29 +410,63 @@ def test_a_strategy_the_packages_cannot_run_names_the_package(monkeypatch: pytes
     monkeypatch.setattr(ds_module, "package_version", lambda name: "0.9.5")
     with pytest.raises(StrategyUnavailable, match="found 0.9.5"):
         strategy_class("zero3")
-    from launcher.train.strategies import fsdp as fsdp_module
+    assert strategy_class("fsdp").__name__ == "FSDPStrategy"  # torch>=2.6 (pyproject): FSDP2 is always there
 
-    monkeypatch.setattr(fsdp_module, "_fsdp2", lambda: None)
-    with pytest.raises(StrategyUnavailable, match="fully_shard"):
-        strategy_class("fsdp")
+
+def test_the_strategy_interface_is_six_methods() -> None:
+    import inspect
+
+    from launcher.train.strategies import Strategy
+
+    methods = {n for n, v in vars(Strategy).items() if inspect.isfunction(v) and not n.startswith("_")}
+    assert methods == {"wrap", "forward_backward", "step", "save", "load", "full_state_dict"}
+
+
+def test_each_engine_checks_its_own_checkpoint_files(tmp_path: Path) -> None:
+    from launcher.train.strategies import checkpoint_problem
+
+    pytest.importorskip("deepspeed")
+    _fake_checkpoint(tmp_path, 2)
+    path = tmp_path / "step-2"
+    assert checkpoint_problem(strategy_spec("ddp"))(path) is None
+    assert checkpoint_problem(strategy_spec("fsdp"))(path) is None
+    assert checkpoint_problem(strategy_spec("zero2"))(path) == f"{path / 'deepspeed'} is missing"
+    (path / "deepspeed").mkdir()
+    (path / "deepspeed" / "mp_rank_00_model_states.pt").write_bytes(b"m")
+    assert checkpoint_problem(strategy_spec("zero3"))(path) == f"{path / 'deepspeed'} holds no optimizer states"
+
+
+def test_torch_adamw_and_deepspeed_cpu_adam_get_the_same_groups() -> None:
+    from launcher.train.strategies.base import ADAM_BETAS, ADAM_EPS, build_optimizer, param_groups
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    model[1].weight.requires_grad_(False)
+    groups = param_groups(model, 0.1)
+    assert [[tuple(p.shape) for p in g["params"]] for g in groups] == [[(4, 4)], [(4,), (4,)]]  # no frozen norm weight
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+    optimizer = build_optimizer(model, SimpleNamespace(weight_decay=0.1, lr=1e-3))
+    assert [len(g["params"]) for g in optimizer.param_groups] == [1, 2]
+    assert optimizer.defaults["betas"] == ADAM_BETAS and optimizer.defaults["eps"] == ADAM_EPS
+    frozen = torch.nn.Linear(2, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        param_groups(frozen, 0.1)
 
 
 def test_ds_config_namespace_is_plain() -> None:
-    # The strategies read the config by attribute (OmegaConf or a namespace): keep that working for tools.
-    ns = SimpleNamespace(strategy=SimpleNamespace(name="zero2", offload_optimizer=False, offload_params=False),
-                         train=SimpleNamespace(micro_batch_size=2, grad_accum=1, grad_clip=1.0))
+    # The strategies read the config by attribute (a dataclass, OmegaConf or a namespace): keep that working for tools.
+    strategy = SimpleNamespace(name="zero2", offload_optimizer=False, offload_params=False)
+    train = SimpleNamespace(micro_batch_size=2, grad_accum=1, grad_clip=1.0)
     pytest.importorskip("deepspeed")
     from launcher.train.strategies.deepspeed import deepspeed_config
 
-    assert deepspeed_config(ns, world_size=2, precision="fp32", device_type="cpu")["train_batch_size"] == 4
+    assert deepspeed_config(strategy, train, world_size=2, precision="fp32", device_type="cpu")["train_batch_size"] == 4
 
 
 def test_resumed_schedule_takes_the_new_length_and_keeps_its_position() -> None:
     """Raising train.max_steps on resume stretches the cosine from the resumed step; same length: same lr exactly."""
     import json as _json
 
-    from launcher.train.schedule import build_scheduler
-    from launcher.train.strategies.base import Strategy, _jsonable
+    from launcher.train.schedule import build_scheduler, restore_scheduler, scheduler_state
 
     def scheduler(max_steps: int):
         param = torch.nn.Parameter(torch.zeros(2, 2))
@@ -317,13 +478,13 @@ def test_resumed_schedule_takes_the_new_length_and_keeps_its_position() -> None:
     for _ in range(2):
         old.optimizer.step()
         old.step()
-    saved = {"scheduler": _json.loads(_json.dumps(_jsonable(old.state_dict())))}
+    saved = _json.loads(_json.dumps(scheduler_state(old)))  # what trainer_state.json holds
     for max_steps in (4, 8):
-        fake = SimpleNamespace(scheduler=scheduler(max_steps))
-        Strategy.load_state_for_checkpoint(fake, saved)  # type: ignore[arg-type]
+        resumed = scheduler(max_steps)
+        restore_scheduler(resumed, saved)
         expected = 1e-3 * WarmupCosine(warmup_steps=1, max_steps=max_steps, min_lr_ratio=0.1)(2)
-        assert fake.scheduler.last_epoch == 2
-        assert fake.scheduler.optimizer.param_groups[0]["lr"] == expected == fake.scheduler.get_last_lr()[0]
+        assert resumed.last_epoch == 2
+        assert resumed.optimizer.param_groups[0]["lr"] == expected == resumed.get_last_lr()[0]
         if max_steps == 4:
             assert expected == old.get_last_lr()[0]
 
@@ -333,20 +494,19 @@ def test_the_jobs_flops_count_equals_the_login_nodes_for_llama_8b(peft: str) -> 
     """One FLOPs count: the job counts the built model's parameters, the login node the config's numbers."""
     from transformers import AutoModelForCausalLM
 
-    from launcher.config import compose
-    from launcher.config.schema import as_container
+    from launcher.config import validated
     from launcher.plan.fit import model_shape
     from launcher.plan.flops import flops_for_shape
     from launcher.train.metrics import count_parameters
     from launcher.train.modeling import apply_peft, hf_config
 
-    cfg = as_container(compose(["model=llama-8b", "train.seq_len=4096", f"peft={peft}"]))
+    cfg = validated(["model=llama-8b", "train.seq_len=4096", f"peft={peft}"])
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config(cfg["model"]))
-    shape = model_shape(cfg["model"])
+        model = AutoModelForCausalLM.from_config(hf_config(cfg.model))
+    shape = model_shape(cfg.model)
     lora = None
     if peft == "lora":
-        model = apply_peft(model, cfg["peft"], seed=0)
-        lora = shape.lora_params(cfg["peft"]["r"], target_modules=tuple(cfg["peft"]["target_modules"]))
+        model = apply_peft(model, cfg.peft, seed=0)
+        lora = shape.lora_params(cfg.peft.r, target_modules=tuple(cfg.peft.target_modules))
     job = flops_per_token(count_parameters(model), num_layers=32, hidden_size=4096, seq_len=4096)
     assert job == flops_for_shape(shape, 4096, lora_params=lora)

@@ -56,7 +56,7 @@ def one_of(field: str, value: Any, allowed: tuple, hint: str = "") -> None:
 
 def check_training(cfg: Mapping[str, Any]) -> None:
     _check_strategy(cfg["strategy"])
-    _check_peft(cfg["peft"])
+    _check_peft(cfg["peft"], cfg["model"])
     if cfg["data"]["format"] is not None:
         one_of("data.format", cfg["data"]["format"], DATA_FORMATS, "or null to detect it from the file")
     check_number("data.eval_fraction", cfg["data"]["eval_fraction"], 0, 1, True)
@@ -82,7 +82,7 @@ def _check_strategy(strategy: Mapping[str, Any]) -> None:
         raise ConfigError("strategy.offload_optimizer", True, "zero1, zero2, zero3 or fsdp")
 
 
-def _check_peft(peft: Mapping[str, Any]) -> None:
+def _check_peft(peft: Mapping[str, Any], model: Mapping[str, Any]) -> None:
     one_of("peft.name", peft["name"], PEFT_METHODS)
     if peft["name"] == "none":
         return
@@ -93,6 +93,14 @@ def _check_peft(peft: Mapping[str, Any]) -> None:
         raise ConfigError("peft.dropout", 1, "a probability in [0, 1)")
     if not peft["target_modules"]:
         raise ConfigError("peft.target_modules", peft["target_modules"], "at least one module name (e.g. q_proj)")
+    if model["pretrained"] is None and model["arch"] == "llama":
+        # A model built from the config is a Llama decoder: its linear layers are known here. A pretrained one's are
+        # checked against the real model in the job.
+        from launcher.plan.memory import LORA_TARGETS
+
+        unknown = sorted(set(peft["target_modules"]) - set(LORA_TARGETS))
+        if unknown:
+            raise ConfigError("peft.target_modules", unknown, f"names of the model's linear layers: {', '.join(LORA_TARGETS)}")
 
 
 def _check_model(model: Mapping[str, Any], seq_len: int) -> None:

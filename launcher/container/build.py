@@ -8,6 +8,7 @@ OmegaConf are imported only when the CLI composes the config.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -18,7 +19,14 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 from launcher.config.schema import ClusterConfig, ContainerConfig
 from launcher.container.exec import ENV_NAME
 from launcher.container.recipe import read_recipe
+from launcher.errors import UserError
 from launcher.paths import CONTAINERS_DIR
+
+RUNTIMES = ("singularity", "apptainer")
+# A recipe argument lands in the definition file's header and in %post's shell lines: image references, tags, paths.
+BUILD_ARG_VALUE = re.compile(r"[A-Za-z0-9._/:@+=,~-]+")
+BUILD_ARG_ALLOWED = "letters, digits and . _ / : @ + = , ~ - (an image path, docker://... reference or tag)"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 @dataclass(frozen=True)
@@ -76,16 +84,45 @@ LEONARDO_WARNING = (
 )
 
 
-class BuildError(ValueError):
-    """A build request that cannot work; the message says what to pass instead."""
+class BuildError(UserError):
+    """A build request that cannot work: the field, the value, why, and what to pass instead (one line, exit 2)."""
 
 
 def build_profile(cluster_name: str) -> BuildProfile:
     """The build profile of a cluster; ``BuildError`` naming the recipes there are when it has none."""
     profile = BUILD_PROFILES.get(cluster_name)
     if profile is None:
-        raise BuildError(f"no container recipe for cluster {cluster_name!r} (recipes: {', '.join(sorted(BUILD_PROFILES))})")
+        raise BuildError("+cluster", cluster_name, "no container recipe for this cluster",
+                         f"one of: {', '.join(sorted(BUILD_PROFILES))}")
     return profile
+
+
+def shell_fill(template: str, account: str) -> str:
+    """``template`` with ``{account}`` as literal text wherever it stands: bare, single-quoted when the shell would
+    read it otherwise; inside a double-quoted string as it is, unless it holds one of ``"$`\\!`` (then the string
+    is closed around the single-quoted value: ``"/scratch/"'a$b'"/x"``). The templates hold no single quotes and
+    no escaped double quotes."""
+    parts = template.split("{account}")
+    out, in_double = [parts[0]], parts[0].count('"') % 2 == 1
+    for part in parts[1:]:
+        if not in_double:
+            out.append(shlex.quote(account))
+        elif any(c in account for c in '"$`\\!'):
+            out.append(f'"{shlex.quote(account)}"')
+        else:
+            out.append(account)
+        out.append(part)
+        in_double ^= part.count('"') % 2 == 1
+    return "".join(out)
+
+
+def check_path(field: str, value: str, what: str) -> None:
+    """A path that goes into a definition file or a command: no white space or control character (definition files
+    split on white space), no leading '-' (an option to the runtime)."""
+    if not value or any(c.isspace() for c in value) or _CONTROL.search(value) or value.startswith("-"):
+        why = ("empty" if not value else "starts with '-' (it would be read as an option)" if value.startswith("-")
+               else "contains white space or a control character (definition files split on white space)")
+        raise BuildError(field, value, why, what)
 
 
 def build_command(cluster_name: str, container: Optional[ContainerConfig], *, recipe_dir: Path, output: Any,
@@ -100,14 +137,22 @@ def build_command(cluster_name: str, container: Optional[ContainerConfig], *, re
     recipe = read_recipe(recipe_path)
     project = Path(project_dir) if project_dir is not None else Path(recipe_dir).resolve().parent
     if not (project / "pyproject.toml").is_file():
-        raise BuildError(f"{project} is not a source checkout (no pyproject.toml): build from a clone of the repository")
-    if any(c.isspace() for c in str(project)) or any(c.isspace() for c in str(output)):
-        raise BuildError("the checkout and the output path must not contain white space (definition files split on it)")
+        raise BuildError("PROJECT_DIR", str(project), "not a source checkout (no pyproject.toml)",
+                         "build from a clone of the repository")
+    check_path("PROJECT_DIR", str(project), "a checkout whose path has no white space")
+    check_path("output", str(output), "a path without white space, e.g. output=/project/<account>/containers/x.sif")
     extra = dict(build_args or {})
     unknown = sorted(set(extra) - set(recipe.arguments))
     if unknown:
-        raise BuildError(f"{profile.recipe} has no argument {', '.join(unknown)} (it has: {', '.join(sorted(recipe.arguments))})")
+        raise BuildError("--build-arg", unknown[0], f"{profile.recipe} has no such argument",
+                         f"one of: {', '.join(sorted(recipe.arguments))}")
+    for key, value in extra.items():
+        if not BUILD_ARG_VALUE.fullmatch(value):
+            raise BuildError(f"--build-arg {key}", value, "holds characters the recipe would pass to a shell",
+                             BUILD_ARG_ALLOWED)
     runtime = container.runtime if container is not None else "singularity"
+    if runtime not in RUNTIMES:
+        raise BuildError("cluster.container.runtime", runtime, "not a container runtime", f"one of: {', '.join(RUNTIMES)}")
     args = [runtime, "build", *profile.flags, "--build-arg", f"PROJECT_DIR={project}"]
     for key, value in extra.items():
         if key != "PROJECT_DIR":
@@ -126,8 +171,8 @@ def default_output(cluster_name: str, cluster: ClusterConfig) -> str:
     if profile.default_output and cluster.account:
         return profile.default_output.format(account=cluster.account)
     example = (profile.default_output or "/path/to/launcher-{account}.sif").format(account="<account>")
-    raise BuildError(f"cluster.container.image={image or None!r} is not writable: pass output={example}"
-                     + (" or cluster.account=<account>" if profile.default_output else ""))
+    raise BuildError("cluster.container.image", image or None, "not a place to build into (read-only or unset)",
+                     f"pass output={example}" + (" or cluster.account=<account>" if profile.default_output else ""))
 
 
 # --- the build CLI ------------------------------------------------------------------------------------------------
@@ -139,7 +184,7 @@ def _parse_build_args(items: Sequence[str]) -> Dict[str, str]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not ENV_NAME.match(key):
-            raise BuildError(f"--build-arg {item!r}: expected NAME=VALUE")
+            raise BuildError("--build-arg", item, "not NAME=VALUE", "e.g. --build-arg BASE_IMAGE=/path/to/base.sif")
         out[key] = value
     return out
 
@@ -162,14 +207,28 @@ def _compose_cluster(overrides: Sequence[str]) -> ClusterConfig:
 
     cluster = to_typed(compose(list(overrides))).cluster
     if cluster is None:
-        raise BuildError(f"build needs +cluster=NAME ({', '.join(sorted(BUILD_PROFILES))})")
+        raise BuildError("+cluster", None, "build needs a cluster", f"+cluster=NAME, one of: {', '.join(sorted(BUILD_PROFILES))}")
     return cluster
+
+
+def check_account(cluster: ClusterConfig) -> None:
+    """The account, when given, as the launcher checks it (the profile's pattern), and never with control characters:
+    it is printed into shell lines (quoted, see ``shell_fill``)."""
+    account = cluster.account
+    if account is None:
+        return
+    if _CONTROL.search(account) or not account:
+        raise BuildError("cluster.account", account, "empty or holds control characters",
+                         f"an account matching {cluster.account_pattern!r}")
+    if not re.fullmatch(cluster.account_pattern, account):
+        raise BuildError("cluster.account", account, f"does not match the {cluster.name} pattern",
+                         f"an account matching {cluster.account_pattern!r}")
 
 
 def _print_build(profile: BuildProfile, account: str, output: str, command: str) -> None:
     """Print what to run: the machine's notes, the output folder's ``mkdir`` and the build command."""
     for line in profile.notes:
-        print(line.replace("{account}", account))
+        print(shell_fill(line, account))
     print(f"mkdir -p {shlex.quote(str(Path(output).parent))}")
     print(command)
 
@@ -183,7 +242,7 @@ def _run_build(profile: BuildProfile, account: str, output: str, argv: List[str]
     print("launcher: building; this shell should have run first:", file=sys.stderr)
     for line in profile.notes:
         if not line.startswith("#"):
-            print("  " + line.replace("{account}", account), file=sys.stderr)
+            print("  " + shell_fill(line, account), file=sys.stderr)
     print(" ".join(shlex.quote(a) for a in argv), file=sys.stderr)
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     return subprocess.run(argv).returncode
@@ -196,6 +255,7 @@ def build_cli(items: Sequence[str], *, build_args: Sequence[str] = (), run: bool
     """
     output, overrides = _split_output(items)
     cluster = _compose_cluster(overrides)
+    check_account(cluster)
     name = cluster.name
     profile = build_profile(name)
     output = output or default_output(name, cluster)
@@ -204,8 +264,8 @@ def build_cli(items: Sequence[str], *, build_args: Sequence[str] = (), run: bool
     command = " ".join(shlex.quote(a) for a in argv)
     account = cluster.account or "<account>"
     if profile.needs_job:
-        example = profile.job_example.format(account=account, command=command)
-        print(LEONARDO_WARNING.format(example=example, account=account), file=sys.stderr)
+        example = shell_fill(profile.job_example, account).replace("{command}", command)
+        print(LEONARDO_WARNING.format(example=example), file=sys.stderr)
     if not run:
         _print_build(profile, account, output, command)
         return 0

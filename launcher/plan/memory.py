@@ -44,7 +44,7 @@ _PRECISIONS: dict[str, _Bytes] = {
 }
 
 # Module names LoRA can target in a Llama layer (peft's target_modules).
-_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -140,7 +140,7 @@ class ModelShape:
         }
         unknown = sorted(set(target_modules) - set(shapes))
         if unknown:
-            raise ValueError(f"unknown LoRA target modules {unknown}; allowed: {', '.join(_LORA_TARGETS)}")
+            raise ValueError(f"unknown LoRA target modules {unknown}; allowed: {', '.join(LORA_TARGETS)}")
         return self.n_layers * sum(r * (shapes[m][0] + shapes[m][1]) for m in target_modules)
 
 

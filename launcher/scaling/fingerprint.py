@@ -177,9 +177,7 @@ def write_fingerprint(run_dir: Path | str, world_size: Optional[int] = None) -> 
 
 
 def read_fingerprint(run_dir: Path | str) -> Optional[Dict[str, Any]]:
-    path = Path(run_dir) / FINGERPRINT_FILE
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+    """environment.json of a run; None when absent or unreadable (``launcher.scaling.records.read_fingerprint``)."""
+    from launcher.scaling.records import read_fingerprint as read_checked
+
+    return read_checked(Path(run_dir))[0]

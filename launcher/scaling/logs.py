@@ -16,6 +16,7 @@ from typing import List, Optional, Pattern, Sequence, Tuple
 
 from launcher import rundir
 from launcher.status.runs import newest_job_of
+from launcher.status.safe import open_regular
 
 LOG_TAIL_BYTES = 64 * 1024
 REASON_MAX_CHARS = 200
@@ -43,9 +44,9 @@ def clip(text: str) -> str:
 
 
 def tail(path: Path, n_bytes: int = LOG_TAIL_BYTES) -> List[str]:
-    """The lines of the last ``n_bytes`` of a file (a cut first line dropped); [] when it cannot be read."""
+    """The lines of the last ``n_bytes`` of a regular file (a cut first line dropped); [] when it cannot be read."""
     try:
-        with open(path, "rb") as handle:
+        with open_regular(path) as handle:
             handle.seek(0, 2)
             size = handle.tell()
             handle.seek(max(0, size - n_bytes))

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 from launcher import rundir
+from launcher.cli_errors import clean
 from launcher.plan.devices import DEVICES
 from launcher.scaling import metrics as m
 from launcher.scaling.points import Point
@@ -17,7 +18,7 @@ from launcher.scaling.sweep import checks
 from launcher.plan.billing import UNIT_NAMES
 
 FINGERPRINT_FIELDS = (
-    ("commit", lambda fp: (fp.get("git_commit") or "")[:10] + (" (dirty)" if fp.get("git_dirty") else "") or None),
+    ("commit", lambda fp: str(fp.get("git_commit") or "")[:10] + (" (dirty)" if fp.get("git_dirty") else "") or None),
     ("container", lambda fp: fp.get("container_image")),
     ("image digest", lambda fp: _short_digest(fp.get("container_digest"))),
     ("torch", lambda fp: fp.get("torch")),
@@ -33,7 +34,7 @@ FINGERPRINT_FIELDS = (
 def _short_digest(digest: Optional[str]) -> Optional[str]:
     if not digest:
         return None
-    parts = digest.split(":")
+    parts = str(digest).split(":")
     return f"{parts[0]}:{parts[1][:12]}" if len(parts) >= 2 else digest[:24]
 
 
@@ -178,7 +179,14 @@ def _projection_section(points: Sequence[Point], tokens_target: float, overhead:
 
 def render_markdown(points: Sequence[Point], *, title: str, mode: str, warmup_steps: int,
                     tokens_target: Optional[float] = None, overhead: float = 0.0, plots: Sequence[str] = ()) -> str:
-    """The whole report: header paragraph, table, projection (with ``tokens_target``), notes, plot links."""
+    """The whole report: header paragraph, table, projection (with ``tokens_target``), notes, plot links; without
+    terminal control characters (names, reasons and log lines come from the run directories)."""
+    return clean(_render(points, title=title, mode=mode, warmup_steps=warmup_steps, tokens_target=tokens_target,
+                         overhead=overhead, plots=plots), keep_newlines=True)
+
+
+def _render(points: Sequence[Point], *, title: str, mode: str, warmup_steps: int,
+            tokens_target: Optional[float], overhead: float, plots: Sequence[str]) -> str:
     out = [f"## Scaling: {title}", ""]
     if not points:
         return "\n".join(out + [f"No run directories (with {rundir.CONFIG_FILE}) found.", ""])

@@ -59,6 +59,7 @@ def _save(fig: Any, canvas: Any, path: Path) -> Path:
     path = Path(path)
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
+    tmp.unlink(missing_ok=True)  # a stale file, or a symlink or FIFO left there: never written through
     canvas.print_png(str(tmp))
     tmp.replace(path)
     return path

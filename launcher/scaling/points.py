@@ -8,7 +8,7 @@ A point is **failed** when a file it needs cannot be read (the reason names the 
 training line, when it did not complete (its largest logged step is below ``train.max_steps`` and there is no
 ``export/``), or when no step was logged after the warm-up. ``read_point`` never raises on a bad file.
 
-The config is read as the job reads it: ``rundir.read_config_yaml`` merged into the schema (``config.load.from_plain``),
+The config is read as the job reads it: the YAML mapping (a regular file only) merged into the schema (``config.load.from_plain``),
 so a value of the wrong type or an unknown key makes the point unreadable, not the report.
 
 Login-node code: stdlib, PyYAML, omegaconf (the schema) and ``launcher.plan``.
@@ -27,8 +27,11 @@ from launcher.plan.devices import DEVICES
 from launcher.plan.fit import model_shape
 from launcher.plan.flops import flops_for_shape
 from launcher.scaling import metrics as m
-from launcher.scaling.fingerprint import read_fingerprint
 from launcher.scaling.logs import clip, explain_failure
+from launcher.scaling.records import read_fingerprint, read_records
+from launcher.status.safe import load_yaml_mapping
+
+CONFIG_MAX_BYTES = 4 << 20
 
 DEFAULT_WARMUP_STEPS = 10
 FAILED = "failed"
@@ -79,6 +82,8 @@ class Point:
     nodelist: str = ""
     git_commit: str = ""
     fingerprint: Optional[Dict[str, Any]] = field(default=None, repr=False)
+    # What was skipped while reading the point's files (a cut last line, NaN values, a bad fingerprint).
+    warnings: List[str] = field(default_factory=list, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -95,7 +100,7 @@ class Point:
         return self
 
 
-CSV_FIELDS = [f.name for f in fields(Point) if f.name != "fingerprint"]
+CSV_FIELDS = [f.name for f in fields(Point) if f.name not in ("fingerprint", "warnings")]
 PROJECTION_FIELDS = ["proj_wall_hours", "proj_node_hours", "proj_billing_units"]
 
 
@@ -108,21 +113,6 @@ def unreadable_point(run_dir: Path, file_name: str, why: str) -> Point:
 # -- read the config ------------------------------------------------------------------------------------------------
 
 
-def _config_problem(path: Path) -> str:
-    """Why ``rundir.read_config_yaml`` gave nothing for ``path`` (only called when it did)."""
-    import yaml  # PyYAML, as rundir reads it
-
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.MarkedYAMLError as exc:  # where and what, without the echoed source
-        mark = exc.problem_mark
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        return f"{type(exc).__name__}{where}: {exc.problem or exc.context}"
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        return f"{type(exc).__name__}: {exc}"
-    return f"not a mapping (a {type(data).__name__})"
-
-
 def _schema_problem(exc: Exception) -> str:
     key = getattr(exc, "full_key", None)
     first = (str(exc).splitlines() or [type(exc).__name__])[0]
@@ -133,13 +123,13 @@ def _point_config(run_dir: Path) -> Union[LauncherConfig, Point]:
     """config.yaml as the schema's ``LauncherConfig``, or a failed point naming the file and what is wrong with it."""
     from omegaconf.errors import OmegaConfBaseException
 
-    tree = rundir.read_config_yaml(run_dir)
+    tree, why = load_yaml_mapping(run_dir / rundir.CONFIG_FILE, CONFIG_MAX_BYTES)  # a regular file, YAML, a mapping
     if tree is None:
-        return unreadable_point(run_dir, rundir.CONFIG_FILE, _config_problem(run_dir / rundir.CONFIG_FILE))
+        return unreadable_point(run_dir, rundir.CONFIG_FILE, why or "absent")
     try:
         return from_plain(tree)
-    except (OmegaConfBaseException, ValueError, TypeError) as exc:  # a hand-edited file, or another launcher's
-        return unreadable_point(run_dir, rundir.CONFIG_FILE, _schema_problem(exc))
+    except (OmegaConfBaseException, ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+        return unreadable_point(run_dir, rundir.CONFIG_FILE, _schema_problem(exc))  # hand-edited, another launcher's
 
 
 def _model_numbers(cfg: LauncherConfig) -> Tuple[Optional[int], Optional[float]]:
@@ -179,14 +169,15 @@ def _devices(train_records: List[Mapping[str, Any]], fingerprint: Optional[Mappi
     """What the job saw (the last logged world_size, the fingerprint's, tokens/s over tokens/s per device), else
     what the config asked for."""
     for record in reversed(train_records):
-        if isinstance(record.get("world_size"), int) and record["world_size"] > 0:
+        if isinstance(record.get("world_size"), int) and not isinstance(record["world_size"], bool) \
+                and record["world_size"] > 0:
             return record["world_size"]
-    if fingerprint and isinstance(fingerprint.get("world_size"), int):
+    if fingerprint and isinstance(fingerprint.get("world_size"), int) and fingerprint["world_size"] > 0:
         return fingerprint["world_size"]
     for record in train_records:
         per_device = record.get("tokens_per_s_per_device")
         if isinstance(per_device, (int, float)) and per_device > 0:
-            return max(1, round(record["tokens_per_s"] / per_device))
+            return max(1, min(round(record["tokens_per_s"] / per_device), 10 ** 7))
     return asked
 
 
@@ -204,17 +195,6 @@ def _global_batch(point: Point) -> Optional[int]:
 
 
 # -- measure, classify, bill ----------------------------------------------------------------------------------------
-
-
-def _metrics_problem(path: Path) -> Optional[str]:
-    """Why metrics.jsonl exists but cannot be read (None when it is readable or absent)."""
-    try:
-        with open(path, "rb"):
-            return None
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        return f"{type(exc).__name__}: {exc.strerror or exc}"
 
 
 def _failure(point: Point, run_dir: Path, has_train_records: bool, stats: Mapping[str, Any],
@@ -258,12 +238,12 @@ def _bill(point: Point) -> None:
 
 def _read_measured(run_dir: Path, point: Point, warmup_steps: int) -> Point:
     """Fill ``point`` (as the config describes it) from the metrics and the fingerprint."""
-    problem = _metrics_problem(run_dir / rundir.METRICS_FILE)
+    records, point.warnings, problem = read_records(run_dir / rundir.METRICS_FILE)  # a cut last line is skipped
     if problem:
         return point.fail(f"{rundir.METRICS_FILE} unreadable: {problem}")
-    records = rundir.read_metrics(run_dir / rundir.METRICS_FILE)  # lines cut by a crash are skipped
     train_records = [r for r in records if m.is_train_record(r)]
-    fingerprint = read_fingerprint(run_dir)
+    fingerprint, fingerprint_warnings = read_fingerprint(run_dir)
+    point.warnings += fingerprint_warnings
     _apply_fingerprint(point, fingerprint)
     point.devices = _devices(train_records, fingerprint, point.devices)
     point.global_batch_tokens = _global_batch(point)

@@ -7,13 +7,16 @@ given directly that holds ``config.yaml`` is a sweep of one point.
 
 from __future__ import annotations
 
+import os
 from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import List, Sequence
 
 from launcher import rundir
+from launcher.errors import UserError
 from launcher.scaling import metrics as m
-from launcher.scaling.points import DEFAULT_WARMUP_STEPS, Point, read_point
+from launcher.scaling.points import DEFAULT_WARMUP_STEPS, Point, read_point, unreadable_point
+from launcher.status.safe import problem_of
 
 MODES = ("auto", "strong", "weak")
 NOISY_SPREAD = 0.10  # p10-p90 step-time spread above which a point is flagged as noisy
@@ -21,18 +24,30 @@ FEW_MEASURED_STEPS = 20
 
 
 def _has_config(path: Path) -> bool:
+    """Whether ``path`` holds a config.yaml of any kind (a FIFO or a directory there is a point, shown unreadable)."""
     try:
-        return (path / rundir.CONFIG_FILE).is_file()
+        return os.path.lexists(path / rundir.CONFIG_FILE)
     except OSError:  # cannot even look inside: a point, shown as unreadable
         return True
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
 
 
 def run_dirs(sweep_dir: Path) -> List[Path]:
     """The points of a sweep: ``sweep_dir`` itself when it is a run directory, else its subdirectories with a config."""
     sweep_dir = Path(sweep_dir)
-    if (sweep_dir / rundir.CONFIG_FILE).is_file():
+    if _has_config(sweep_dir):
         return [sweep_dir]
-    return sorted(p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".") and _has_config(p))
+    try:
+        entries = list(sweep_dir.iterdir())
+    except OSError as error:
+        raise UserError("SWEEP_DIR", str(sweep_dir), problem_of(error), "a readable directory of run directories")
+    return sorted(p for p in entries if not p.name.startswith(".") and _is_dir(p) and _has_config(p))
 
 
 def group_points(points: Sequence[Point]) -> "OrderedDict[str, List[Point]]":
@@ -51,13 +66,21 @@ def collect_points(
     ``mode``, see there). A point whose files cannot be read is a failed point; the others are still read."""
     if mode == "auto":
         mode = "strong"
-    points = [read_point(d, warmup_steps) for d in run_dirs(Path(sweep_dir))]
+    points = [_read_point_or_unreadable(d, warmup_steps) for d in run_dirs(Path(sweep_dir))]
     for group in group_points(points).values():
         ok = [p for p in group if p.ok]
         if ok:
             for point, eff in zip(ok, m.scaling_efficiency([(p.devices, p.tokens_per_s) for p in ok], mode)):
                 point.efficiency = eff
     return [p for g in group_points(points).values() for p in g]
+
+
+def _read_point_or_unreadable(run_dir: Path, warmup_steps: int) -> Point:
+    """``read_point``, or a failed point saying that it could not be read: one bad point never stops the report."""
+    try:
+        return read_point(run_dir, warmup_steps)
+    except Exception as error:  # noqa: BLE001 - a file no reader expected; the other points still come
+        return unreadable_point(run_dir, "run directory", problem_of(error))
 
 
 def infer_mode(points: Sequence[Point]) -> str:
@@ -110,4 +133,4 @@ def checks(points: Sequence[Point], mode: str) -> List[str]:
     few = [p.name for p in points if p.ok and p.measured_steps < FEW_MEASURED_STEPS]
     if few:
         notes.append(f"fewer than {FEW_MEASURED_STEPS} measured steps in: {', '.join(few)}.")
-    return notes
+    return notes + [f"{p.name}: {warning}" for p in points for warning in p.warnings]

@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Callable, IO, Optional, Tuple
 
 from launcher import rundir
+from launcher.cli_errors import clean
 from launcher.status.runs import newest_job_of
+from launcher.status.safe import NotRegularFile, open_regular
 
 # The batch script's first line of an attempt in the task-0 log (slurm_templates/common_setup.sh).
 _ATTEMPT_MARKER = re.compile(rb"(?:^|\n)(launcher: job \S+ attempt \d+ on )")
@@ -56,8 +58,8 @@ class _Follower:
     """One follow(): the file being read, which file it was (device, inode) and how far it was read."""
 
     def __init__(self, locate: Callable[[], Optional[Path]], out: IO[bytes], offset: int,
-                 notify: Callable[[str], None]) -> None:
-        self.locate, self.out, self.notify = locate, out, notify
+                 notify: Callable[[str], None], refuse: Callable[[Path], Optional[str]]) -> None:
+        self.locate, self.out, self.notify, self.refuse = locate, out, notify, refuse
         self.path = locate()
         self.handle: Optional[IO[bytes]] = None
         self.identity: Optional[Tuple[int, int]] = None  # (device, inode) of the file last opened
@@ -65,22 +67,28 @@ class _Follower:
         self.waiting_for: Optional[Path] = None
 
     def open(self) -> None:
-        """Open the file if it exists; start from its beginning when it was replaced or truncated."""
+        """Open the file if it exists (a regular file, not refused); start from its beginning when it was replaced or
+        truncated."""
+        assert self.path is not None
         try:
-            handle = open(self.path, "rb")
-        except FileNotFoundError:
+            why = self.refuse(self.path)
+            if why:
+                raise NotRegularFile(why)
+            handle = open_regular(self.path)
+        except OSError as error:
             if self.waiting_for != self.path:
-                self.notify(f"launcher: waiting for {self.path} (the job has not started yet?)")
+                why = "the job has not started yet?" if isinstance(error, FileNotFoundError) else f"{error}: not read"
+                self.notify(f"launcher: waiting for {clean(self.path)} ({why})")
                 self.waiting_for = self.path
             return
         self.waiting_for = None
         stat = os.fstat(handle.fileno())
         opened = (stat.st_dev, stat.st_ino)
         if self.identity is not None and opened != self.identity:
-            self.notify(f"launcher: {self.path} was replaced; following the new file from its start")
+            self.notify(f"launcher: {clean(self.path)} was replaced; following the new file from its start")
             self.position = 0
         elif stat.st_size < self.position:
-            self.notify(f"launcher: {self.path} was truncated; following from its start")
+            self.notify(f"launcher: {clean(self.path)} was truncated; following from its start")
             self.position = 0
         self.identity = opened
         handle.seek(self.position)
@@ -109,7 +117,7 @@ class _Follower:
         file, so that the next open revalidates it (NFS close-to-open consistency)."""
         newer = self.locate()
         if newer is not None and newer != self.path:
-            self.notify(f"launcher: a newer job of the run: following {newer}")
+            self.notify(f"launcher: a newer job of the run: following {clean(newer)}")
             self.close()
             self.path, self.position, self.identity, self.waiting_for = newer, 0, None, None
             return True
@@ -131,15 +139,17 @@ def follow(
     rescan_s: float = 2.0,
     stop: Callable[[], bool] = lambda: False,
     notify: Callable[[str], None] = _stderr,
+    refuse: Callable[[Path], Optional[str]] = lambda path: None,
 ) -> None:
     """tail -F: print what is appended to locate()'s file, across truncation and replacement, until stop().
 
     locate() is asked again every rescan_s: a newer job of the run (a resubmission) switches to its log. A requeue
     appends to the same file (the batch script opens it in append mode), so following simply goes on. Idle files
     are reopened every rescan_s, which makes NFS clients revalidate their cached size. Polls: inotify does not work
-    on Lustre or NFS.
+    on Lustre or NFS. Only regular files are read (a FIFO would block); ``refuse(path)`` gives a reason not to read
+    one (it leads outside the run directory), and the follow waits as for a missing file.
     """
-    tail = _Follower(locate, out, offset, notify)
+    tail = _Follower(locate, out, offset, notify, refuse)
     next_rescan = time.monotonic() + rescan_s
     try:
         while not stop():

@@ -20,12 +20,20 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from launcher import rundir
+from launcher.cli_errors import show
 from launcher.slurm import query as sq
+from launcher.status.safe import is_finite_number, load_yaml_mapping, open_regular, parse_record, problem_of
+
+CONFIG_MAX_BYTES = 4 << 20  # a resolved config is a few kB
+ATTEMPTS_MAX_BYTES = 4 << 20  # only the tail of a longer logs/attempts.log is read
+METRICS_TAIL_BYTES = 64 << 10
+# A job id as the status accepts it (ASCII digits only: no "\n", no other scripts' digits).
+STRICT_JOB_ID = re.compile(r"[0-9]+(?:_[0-9]+)?")
 
 # submitit's file names: <jobid>_submitted.pkl, <jobid>_submission.sh (<arrayid>_submission.sh for an array),
 # <jobid>_<task>_log.out/.err, <jobid>_<task>_result.pkl; an array task's <jobid> is <arrayid>_<index>.
 _SLURM_FILE = re.compile(
-    rf"^({sq.JOB_ID_PATTERN})_(?:submitted\.pkl|submission\.sh|\d+_log\.(?:out|err)|\d+_result\.pkl)$"
+    r"([0-9]+(?:_[0-9]+)?)_(?:submitted\.pkl|submission\.sh|[0-9]+_log\.(?:out|err)|[0-9]+_result\.pkl)"
 )
 _ATTEMPT_LINE = re.compile(r"^launcher: job (\S+) attempt (\d+) (started|requeued)\b\s*(.*)$")
 
@@ -34,6 +42,7 @@ STATE_UNKNOWN = "UNKNOWN"
 STATE_NOT_SUBMITTED = "NOT SUBMITTED"
 STATE_LOCAL = "LOCAL"
 STATE_FINISHED_LOCAL = "FINISHED (local)"
+STATE_UNREADABLE = "UNREADABLE"
 
 
 @dataclass
@@ -75,6 +84,8 @@ class Run:
     export: bool = False
     log: Optional[str] = None  # task 0 log of the newest job
     attempts_log: Dict[str, Any] = field(default_factory=dict, repr=False)
+    # "<file>: <why>" for each file of the run that could not be (fully) read; the row shows what could.
+    problems: List[str] = field(default_factory=list)
 
     @property
     def elapsed_s(self) -> Optional[float]:
@@ -82,27 +93,56 @@ class Run:
         return self.train_elapsed_s
 
 
+def _is_run_dir(path: Path) -> bool:
+    try:
+        return rundir.is_run_dir(path)
+    except OSError:  # cannot look inside: listed, and shown as unreadable
+        return True
+
+
 def find_runs(directory: Path) -> List[Path]:
     """DIR itself when it is a run directory, else its subdirectories that are run directories (sorted by name)."""
-    if rundir.is_run_dir(directory):
+    if _is_run_dir(directory):
         return [directory]
     try:
         entries = sorted(os.scandir(directory), key=lambda entry: entry.name)
-    except (FileNotFoundError, NotADirectoryError):
+    except OSError:
         return []
-    return [Path(entry.path) for entry in entries if entry.is_dir() and rundir.is_run_dir(Path(entry.path))]
+    return [Path(entry.path) for entry in entries if _entry_is_dir(entry) and _is_run_dir(Path(entry.path))]
 
 
-def read_attempts(path: Path) -> Dict[str, Attempts]:
-    """logs/attempts.log by job id (lines of other formats are ignored)."""
+def _entry_is_dir(entry: "os.DirEntry[str]") -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def _read_tail_text(path: Path, limit: int) -> str:
+    """The last ``limit`` bytes of a regular file as text ("" when absent); OSError when it cannot be read."""
+    try:
+        handle = open_regular(path)
+    except FileNotFoundError:
+        return ""
+    with handle:
+        size = os.fstat(handle.fileno()).st_size
+        handle.seek(max(0, size - limit))
+        data = handle.read(limit)
+    return data.decode("utf-8", errors="replace")
+
+
+def read_attempts(path: Path, problems: Optional[List[str]] = None) -> Dict[str, Attempts]:
+    """logs/attempts.log by job id (lines of other formats are ignored); why it cannot be read goes to problems."""
     attempts: Dict[str, Attempts] = {}
     try:
-        text = path.read_text(errors="replace")
-    except OSError:
+        text = _read_tail_text(path, ATTEMPTS_MAX_BYTES)
+    except OSError as error:
+        if problems is not None:
+            problems.append(f"{rundir.ATTEMPTS_LOG}: {problem_of(error)}")
         return attempts
     for line in text.splitlines():
         match = _ATTEMPT_LINE.match(line.strip())
-        if not match:
+        if not match or not STRICT_JOB_ID.fullmatch(match.group(1)) or not match.group(2).isascii():
             continue
         job_id, number, event, rest = match.group(1), int(match.group(2)), match.group(3), match.group(4)
         entry = attempts.setdefault(job_id, Attempts())
@@ -120,12 +160,12 @@ def job_ids_of(run_dir: Path, attempts: Optional[Dict[str, Attempts]] = None) ->
     ids = set()
     try:
         for entry in os.scandir(run_dir / rundir.SLURM_DIR):
-            match = _SLURM_FILE.match(entry.name)
+            match = _SLURM_FILE.fullmatch(entry.name)
             if match:
                 ids.add(match.group(1))
-    except (FileNotFoundError, NotADirectoryError):
+    except OSError:
         pass
-    ids.update(job_id for job_id in (attempts or {}) if sq.is_job_id(job_id))
+    ids.update(job_id for job_id in (attempts or {}) if STRICT_JOB_ID.fullmatch(job_id))
     # An array's <arrayid>_submission.sh names the array, not a task: drop it when its tasks are known.
     arrays = {job_id.partition("_")[0] for job_id in ids if "_" in job_id}
     return sorted((job_id for job_id in ids if job_id not in arrays), key=sq.job_sort_key)
@@ -136,30 +176,53 @@ def newest_job_of(run_dir: Path) -> Optional[str]:
     return sq.newest_job(job_ids_of(run_dir, read_attempts(run_dir / rundir.ATTEMPTS_LOG)))
 
 
-def read_config(run_dir: Path) -> Dict[str, Any]:
-    """cluster (name or None), run_name, max_steps of config.yaml; {} when absent or unreadable."""
-    cfg = rundir.read_config_yaml(run_dir)
-    if cfg is None:  # absent (dry run), half-written, or not YAML: the row shows what else is known
+def _text(value: Any) -> Optional[str]:
+    return value if isinstance(value, str) else None
+
+
+def read_config(run_dir: Path, problems: Optional[List[str]] = None) -> Dict[str, Any]:
+    """cluster (name or None), run_name, max_steps of config.yaml; {} when absent or unreadable. Why it cannot be
+    read, and values of the wrong type (left out), go to ``problems``."""
+    found: List[str] = []
+    cfg, why = load_yaml_mapping(run_dir / rundir.CONFIG_FILE, CONFIG_MAX_BYTES)
+    if cfg is None:  # absent (dry run), half-written, binary or not YAML: the row shows what else is known
+        if why:
+            found.append(f"{rundir.CONFIG_FILE}: {why}")
+        cfg = {}
+    cluster, train = cfg.get("cluster"), cfg.get("train")
+    name = cluster.get("name") if isinstance(cluster, dict) else cluster
+    if name is not None and _text(name) is None:
+        found.append(f"{rundir.CONFIG_FILE}: cluster.name={show(name, 60)} is not a string")
+    elif cluster is not None and not isinstance(cluster, (dict, str)):
+        found.append(f"{rundir.CONFIG_FILE}: cluster={show(cluster, 60)} is neither a mapping nor a name")
+    if train is not None and not isinstance(train, dict):
+        found.append(f"{rundir.CONFIG_FILE}: train={show(train, 60)} is not a mapping")
+    max_steps = train.get("max_steps") if isinstance(train, dict) else None
+    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int)):
+        found.append(f"{rundir.CONFIG_FILE}: train.max_steps={show(max_steps, 60)} is not an integer")
+        max_steps = None
+    if problems is not None:
+        problems.extend(found)
+    if not cfg:
         return {}
-    cluster = cfg.get("cluster")
-    train = cfg.get("train") if isinstance(cfg.get("train"), dict) else {}
-    max_steps = train.get("max_steps")
-    return {
-        "cluster": cluster.get("name") if isinstance(cluster, dict) else cluster,
-        "run_name": cfg.get("run_name"),
-        "max_steps": max_steps if isinstance(max_steps, int) else None,
-    }
+    # A cluster that is there but unusable is "?": not a local run.
+    shown = _text(name) if name is None or _text(name) is not None else "?"
+    if cluster is not None and not isinstance(cluster, (dict, str)):
+        shown = "?"
+    return {"cluster": shown, "run_name": _text(cfg.get("run_name")), "max_steps": max_steps}
 
 
 def read_run(run_dir: Path, now: Optional[float] = None) -> Run:
-    """Everything the run directory says (no Slurm)."""
-    config = read_config(run_dir)
-    attempts = read_attempts(run_dir / rundir.ATTEMPTS_LOG)
+    """Everything the run directory says (no Slurm); what could not be read is in ``problems``."""
+    problems: List[str] = []
+    config = read_config(run_dir, problems)
+    attempts = read_attempts(run_dir / rundir.ATTEMPTS_LOG, problems)
     job_ids = job_ids_of(run_dir, attempts)
     run = Run(
         name=run_dir.name, run_dir=str(run_dir), cluster=config.get("cluster"), job_ids=job_ids,
         job_id=sq.newest_job(job_ids), max_steps=config.get("max_steps"),
-        export=(run_dir / rundir.EXPORT_DIR).is_dir(), last_checkpoint=rundir.last_complete_step(run_dir),
+        export=_is_dir(run_dir / rundir.EXPORT_DIR), last_checkpoint=_last_checkpoint(run_dir, problems),
+        problems=problems,
     )
     _read_progress(run, run_dir / rundir.METRICS_FILE, now)
     if run.job_id is not None:
@@ -172,16 +235,71 @@ def read_run(run_dir: Path, now: Optional[float] = None) -> Run:
     return run
 
 
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
+def _last_checkpoint(run_dir: Path, problems: List[str]) -> Optional[int]:
+    try:
+        return rundir.last_complete_step(run_dir)
+    except OSError as error:
+        problems.append(f"{rundir.CHECKPOINTS_DIR}/: {problem_of(error)}")
+        return None
+
+
+def read_metrics_tail(path: Path, problems: List[str], block: int = METRICS_TAIL_BYTES) -> Dict[str, Any]:
+    """The last train record (with "loss") and the last eval_loss of metrics.jsonl, from its tail. A cut last line
+    (a crash mid-write) and lines that are not JSON objects are skipped, and said in ``problems``."""
+    try:
+        handle = open_regular(path)
+    except FileNotFoundError:
+        return {}
+    except OSError as error:
+        problems.append(f"{rundir.METRICS_FILE}: {problem_of(error)}")
+        return {}
+    with handle:
+        size = os.fstat(handle.fileno()).st_size
+        handle.seek(max(0, size - block))
+        lines = handle.read(block).split(b"\n")
+    if size > block:
+        lines = lines[1:]  # the first line may be cut
+    if lines and lines[-1].strip() and parse_record(lines[-1]) is None:
+        problems.append(f"{rundir.METRICS_FILE}: the last line is cut (a crash mid-write?): ignored")
+        lines = lines[:-1]
+    records = [parse_record(line) for line in lines]
+    bad = sum(1 for line, record in zip(lines, records) if record is None and line.strip())
+    if bad:
+        problems.append(f"{rundir.METRICS_FILE}: {bad} line(s) that are not JSON objects: skipped")
+    result: Dict[str, Any] = {}
+    for record in reversed([r for r in records if r is not None]):
+        if "eval_loss" in record and "eval_loss" not in result:
+            result["eval_loss"] = record["eval_loss"]
+        if "loss" in record and "train" not in result:
+            result["train"] = record
+    if size and not any(records):
+        problems.append(f"{rundir.METRICS_FILE}: no readable record in its last {min(size, block):,} bytes")
+    elif "train" not in result and size > block:  # eval lines at the end: look further back
+        try:
+            result = {**rundir.read_metrics_tail(path, block), **result}
+        except (RecursionError, MemoryError):  # a line nested deeper than the parser goes
+            problems.append(f"{rundir.METRICS_FILE}: a line nests too deep to parse: skipped")
+    return result
+
+
 def _read_progress(run: Run, metrics_path: Path, now: Optional[float]) -> None:
-    """Step, loss, rates and age from the tail of metrics.jsonl."""
-    metrics = rundir.read_metrics_tail(metrics_path)
-    train = metrics.get("train") or {}
-    run.step = _number(train.get("step"), int)
-    run.loss = _number(train.get("loss"), float)
-    run.tokens_per_s = _number(train.get("tokens_per_s"), float)
-    run.mfu = _number(train.get("mfu"), float)
-    run.train_elapsed_s = _number(train.get("elapsed_s"), float)
-    run.eval_loss = _number(metrics.get("eval_loss"), float)
+    """Step, loss, rates and age from the tail of metrics.jsonl; values that are not finite numbers are left out."""
+    metrics = read_metrics_tail(metrics_path, run.problems)
+    train = metrics.get("train") if isinstance(metrics.get("train"), dict) else {}
+    number = _Numbers(run.problems)
+    run.step = number(train, "step", int)
+    run.loss = number(train, "loss", float)
+    run.tokens_per_s = number(train, "tokens_per_s", float)
+    run.mfu = number(train, "mfu", float)
+    run.train_elapsed_s = number(train, "elapsed_s", float)
+    run.eval_loss = number(metrics, "eval_loss", float)
     if metrics:
         try:
             run.metrics_age_s = max(0.0, (now or time.time()) - metrics_path.stat().st_mtime)
@@ -189,10 +307,29 @@ def _read_progress(run: Run, metrics_path: Path, now: Optional[float]) -> None:
             pass
 
 
-def _number(value: Any, kind: type) -> Any:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return kind(value)
+class _Numbers:
+    """Reads one number of a metrics record; a value that is not a finite number is None, and said."""
+
+    def __init__(self, problems: List[str]) -> None:
+        self.problems = problems
+
+    def __call__(self, record: Dict[str, Any], key: str, kind: type) -> Any:
+        value = record.get(key)
+        if value is None:
+            return None
+        if not is_finite_number(value):
+            self.problems.append(f"{rundir.METRICS_FILE}: {key}={show(value, 60)} is not a finite number: left out")
+            return None
+        return kind(value)
+
+
+def _read_run_or_unreadable(run_dir: Path, now: float) -> Run:
+    """``read_run``, or a row saying that the run could not be read: one bad run never stops the listing."""
+    try:
+        return read_run(run_dir, now)
+    except Exception as error:  # noqa: BLE001 - a file no reader above expected; the other rows still come
+        return Run(name=run_dir.name, run_dir=str(run_dir), state=STATE_UNREADABLE,
+                   problems=[f"could not be read: {problem_of(error)}"])
 
 
 def derived_state(run: Run, config_present: bool = True) -> str:
@@ -220,9 +357,9 @@ def apply_slurm(run: Run, job: Optional[sq.JobState]) -> None:
 def collect(directory: Path, *, query: Optional[Callable[[List[str]], sq.Query]] = None) -> Tuple[List[Run], List[str]]:
     """The rows of DIR and notes on what could not be asked (one Slurm query for all runs)."""
     now = time.time()
-    runs = [read_run(path, now) for path in find_runs(directory)]
+    runs = [_read_run_or_unreadable(path, now) for path in find_runs(directory)]
     ids = [run.job_id for run in runs if run.job_id is not None]
-    notes: List[str] = []
+    notes = [f"{run.name}: {problem}" for run in runs for problem in run.problems]
     if not ids:
         return runs, notes
     result = (query or sq.query_jobs)(ids)

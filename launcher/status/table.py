@@ -6,9 +6,12 @@ import json
 from dataclasses import asdict
 from typing import List, Optional, Sequence
 
+from launcher.cli_errors import clean
 from launcher.status.runs import Run
 
 COLUMNS = ("RUN", "CLUSTER", "JOB", "STATE", "ATTEMPT", "STEP", "LOSS", "TOK/S", "ELAPSED", "EXPORT")
+PROBLEM_COLUMN = "PROBLEM"  # only when a run has a file that could not be (fully) read; the notes say more
+PROBLEM_MAX_CHARS = 60
 _NUMERIC = {"ATTEMPT", "STEP", "LOSS", "TOK/S", "ELAPSED"}  # right-aligned
 
 
@@ -34,8 +37,26 @@ def format_rate(value: Optional[float]) -> str:
     return f"{value:.0f}"
 
 
+def problem_cell(run: Run) -> str:
+    """The files of the run that could not be read, in a few words ("-" when none)."""
+    if not run.problems:
+        return "-"
+    files = []
+    for problem in run.problems:
+        name = problem.split(":", 1)[0]
+        if name not in files:
+            files.append(name)
+    text = f"{', '.join(files)} (see notes)"
+    return text if len(text) <= PROBLEM_MAX_CHARS else text[: PROBLEM_MAX_CHARS - 3] + "..."
+
+
 def row_cells(run: Run) -> List[str]:
-    """One row's cells, in COLUMNS order."""
+    """One row's cells, in COLUMNS order, without terminal control characters (names come from the file system
+    and from config files)."""
+    return [clean(cell) or "?" for cell in _raw_cells(run)]
+
+
+def _raw_cells(run: Run) -> List[str]:
     state = run.state
     if run.reason and state == "PENDING":
         state = f"PENDING ({run.reason})"
@@ -58,14 +79,20 @@ def row_cells(run: Run) -> List[str]:
 
 
 def format_table(runs: Sequence[Run]) -> str:
-    """The header and one line per run, columns aligned (numbers to the right)."""
-    rows = [list(COLUMNS)] + [row_cells(run) for run in runs]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    """The header and one line per run, columns aligned (numbers to the right); a PROBLEM column when a run has
+    files that could not be read."""
+    columns = list(COLUMNS)
+    rows = [row_cells(run) for run in runs]
+    if any(run.problems for run in runs):
+        columns.append(PROBLEM_COLUMN)
+        rows = [row + [clean(problem_cell(run))] for row, run in zip(rows, runs)]
+    rows.insert(0, columns)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
     lines = []
     for row in rows:
         cells = [
             cell.rjust(width) if name in _NUMERIC else cell.ljust(width)
-            for cell, width, name in zip(row, widths, COLUMNS)
+            for cell, width, name in zip(row, widths, columns)
         ]
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines)

@@ -4,11 +4,12 @@ A save (every rank takes part):
 
 1. rank 0 creates ``step-<N>.tmp/`` (removing a leftover of a crashed save), barrier;
 2. every rank writes its part: the strategy's state (DeepSpeed ``save_checkpoint`` for zero*,
-   torch.distributed.checkpoint for ddp and fsdp) and its own RNG states (``rng/rank-<r>.pt``), each file fsynced;
+   torch.distributed.checkpoint for ddp and fsdp) and its own RNG states (``rng/rank-<r>.pt``); each rank fsyncs the
+   files it wrote;
 3. barrier: everything is on disk;
 4. rank 0 writes ``trainer_state.json`` (step, sampler position, scheduler, metrics position, config hash, strategy,
-   world size, versions), then ``COMPLETE`` (a manifest of every file and its size), fsyncs, and renames
-   ``step-<N>.tmp`` to ``step-<N>`` (atomic on POSIX file systems), then applies retention;
+   world size, versions), then ``COMPLETE`` (a manifest of every file and its size: the one walk of the tree),
+   fsyncs both, and renames ``step-<N>.tmp`` to ``step-<N>`` (atomic on POSIX file systems), then applies retention;
 5. barrier.
 
 A directory counts as a checkpoint only when it is named ``step-<N>`` and its ``COMPLETE`` manifest matches the files
@@ -30,13 +31,13 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
 
-from launcher.config.strategies import strategy_spec
 from launcher.train.distributed import DistEnv, barrier, broadcast_object, log
+from launcher.train.schedule import restore_scheduler, scheduler_state
 
 COMPLETE = "COMPLETE"
 STATE_FILE = "trainer_state.json"
@@ -108,7 +109,8 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: Path) -> None:
+    """Flush ``path``'s data to stable storage (every rank calls it on the files it wrote)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -129,23 +131,26 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_json(path: Path, data: Any) -> None:
+def _write_json(path: Path, data: Any) -> int:
+    """Write and fsync; returns the bytes written."""
+    text = json.dumps(data, indent=1, sort_keys=True)
     with open(path, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=1, sort_keys=True)
+        handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
+    return len(text.encode("utf-8"))
 
 
 def _manifest(directory: Path) -> Dict[str, int]:
+    """Every file under ``directory`` (but COMPLETE) and its size: one walk, one stat per file."""
     files = {}
-    for path in sorted(directory.rglob("*")):
-        if path.is_file() and path.name != COMPLETE:
-            files[str(path.relative_to(directory))] = path.stat().st_size
+    for parent, _, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(parent, name)
+            rel = os.path.relpath(path, directory)
+            if rel != COMPLETE:
+                files[rel] = os.stat(path).st_size
     return files
-
-
-def _dir_size(directory: Path) -> int:
-    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
 
 
 def step_of(path: Path) -> Optional[int]:
@@ -157,6 +162,8 @@ def step_of(path: Path) -> Optional[int]:
 
 
 class CheckpointManager:
+    """Discovery, save, retention and load of ``<root>/step-<N>`` checkpoints for ``strategy`` (collective)."""
+
     def __init__(
         self,
         root: Path,
@@ -165,12 +172,19 @@ class CheckpointManager:
         *,
         keep_last: int,
         keep_every: Optional[int],
+        problem: Optional[Callable[[Path], Optional[str]]] = None,
     ) -> None:
+        """``problem``: the engine's check of a checkpoint's files; default: the one of ``strategy.spec``."""
         self.root = Path(root)
         self.env = env
         self.strategy = strategy
         self.keep_last = max(1, int(keep_last))
         self.keep_every = int(keep_every) if keep_every else None
+        if problem is None:
+            from launcher.train.strategies import checkpoint_problem
+
+            problem = checkpoint_problem(strategy.spec)
+        self.engine_problem = problem
 
     # -- discovery ----------------------------------------------------------------------------------------------
     def candidates(self) -> List[Tuple[int, Path]]:
@@ -197,7 +211,7 @@ class CheckpointManager:
                 return f"{rel} is missing"
             if file.stat().st_size != size:
                 return f"{rel} is {file.stat().st_size} bytes, the manifest says {size} (truncated?)"
-        return self.strategy.checkpoint_problem(path)
+        return self.engine_problem(path)
 
     def find_latest(self) -> Optional[Path]:
         """The newest complete checkpoint, decided by rank 0 and the same on every rank."""
@@ -227,7 +241,6 @@ class CheckpointManager:
     def save(self, step: int, trainer_state: Dict[str, Any]) -> Dict[str, float]:
         """Collective. Returns {"save_s": seconds, "size_gb": size} (size on rank 0 only)."""
         start = time.perf_counter()
-        final = self.root / f"step-{step}"
         tmp = self.root / f"step-{step}.tmp"
         if self.env.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -236,39 +249,40 @@ class CheckpointManager:
             (tmp / RNG_DIR).mkdir()
         barrier()
 
-        self.strategy.save(tmp)
+        self.strategy.save(tmp)  # fsyncs this rank's files
         rng_file = tmp / RNG_DIR / f"rank-{self.env.rank:05d}.pt"
         torch.save(rng_state(), rng_file)
-        _fsync_file(rng_file)
+        fsync_file(rng_file)
         _maybe_inject_fault(step, self.env.rank)
         barrier()
 
-        size = 0.0
-        if self.env.is_main:
-            state = dict(trainer_state)
-            state.update(
-                step=step,
-                format=FORMAT_VERSION,
-                world_size=self.env.world_size,
-                strategy=self.strategy.name,
-                versions=versions(),
-                saved_unix=time.time(),
-            )
-            state.update(self.strategy.state_for_checkpoint())
-            _write_json(tmp / STATE_FILE, state)
-            for path in tmp.rglob("*"):
-                if path.is_file():
-                    _fsync_file(path)
-            _write_json(tmp / COMPLETE, {"step": step, "files": _manifest(tmp)})
-            _fsync_dir(tmp)
-            if final.exists():  # the same step saved again (e.g. a finished run re-run): replace it
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir(self.root)
-            size = _dir_size(final) / 1e9
-            self.apply_retention()
+        size = self._commit(step, tmp, trainer_state) / 1e9 if self.env.is_main else 0.0
         barrier()
         return {"save_s": time.perf_counter() - start, "size_gb": size}
+
+    def _commit(self, step: int, tmp: Path, trainer_state: Dict[str, Any]) -> int:
+        """Rank 0, once every rank's files are on disk: metadata, manifest, rename, retention. Returns the bytes."""
+        state = dict(trainer_state)
+        state.update(
+            step=step,
+            format=FORMAT_VERSION,
+            world_size=self.env.world_size,
+            strategy=self.strategy.spec.name,
+            versions=versions(),
+            saved_unix=time.time(),
+            scheduler=scheduler_state(self.strategy.scheduler),
+        )
+        _write_json(tmp / STATE_FILE, state)
+        files = _manifest(tmp)
+        size = sum(files.values()) + _write_json(tmp / COMPLETE, {"step": step, "files": files})
+        _fsync_dir(tmp)
+        final = self.root / f"step-{step}"
+        if final.exists():  # the same step saved again (e.g. a finished run re-run): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(self.root)
+        self.apply_retention()
+        return size
 
     def apply_retention(self) -> List[Path]:
         complete = [(s, p) for s, p in self.candidates() if (p / COMPLETE).is_file()]
@@ -286,17 +300,18 @@ class CheckpointManager:
     def check_compatible(
         self, path: Path, state: Mapping[str, Any], *, cfg_hash: str, cfg_flat: Mapping[str, Any]
     ) -> None:
+        name = self.strategy.spec.name
         saved_strategy = state.get("strategy")
-        if saved_strategy != self.strategy.name:
+        if saved_strategy != name:
             raise CheckpointError(
-                f"{path} was written by strategy={saved_strategy}; this run uses strategy={self.strategy.name}. "
+                f"{path} was written by strategy={saved_strategy}; this run uses strategy={name}. "
                 f"Resume with strategy={saved_strategy}, or start a new run_name from an export "
                 f"(export_only=true with strategy={saved_strategy}, then model.pretrained=<run_dir>/export)"
             )
         saved_world = int(state.get("world_size", self.env.world_size))
-        if saved_world != self.env.world_size and not strategy_spec(self.strategy.name).reshards_on_resume:
+        if saved_world != self.env.world_size and not self.strategy.spec.reshards_on_resume:
             raise CheckpointError(
-                f"{path} was written by {saved_world} ranks with {self.strategy.name}; this run has "
+                f"{path} was written by {saved_world} ranks with {name}; this run has "
                 f"{self.env.world_size}. ZeRO optimizer state is partitioned per rank and does not reshard here: "
                 f"resume with {saved_world} ranks (nodes x tasks per node), or export it (export_only=true with "
                 f"{saved_world} ranks) and continue in a new run with model.pretrained=<run_dir>/export "
@@ -322,7 +337,8 @@ class CheckpointManager:
         state = self.read_state(path)
         start = time.perf_counter()
         self.strategy.load(path)
-        self.strategy.load_state_for_checkpoint(state)
+        if "scheduler" in state:
+            restore_scheduler(self.strategy.scheduler, state["scheduler"])
         rng_file = path / RNG_DIR / f"rank-{self.env.rank:05d}.pt"
         if int(state.get("world_size", -1)) == self.env.world_size and rng_file.is_file():
             set_rng_state(torch.load(rng_file, weights_only=False))

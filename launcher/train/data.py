@@ -84,22 +84,28 @@ class TokenizedSplit:
     def __getitem__(self, index: int) -> dict[str, "torch.Tensor"]:
         return {name: tensor[0] for name, tensor in self.collate([index]).items()}
 
-    def collate(self, indices: list[int]) -> dict[str, "torch.Tensor"]:
-        """Stacked LongTensors input_ids, labels, attention_mask of shape (len(indices), seq_len)."""
+    def collate(self, indices: list[int], *, skip_full_mask: bool = False) -> dict[str, "torch.Tensor"]:
+        """Stacked LongTensors input_ids, labels, attention_mask of shape (len(indices), seq_len).
+
+        ``skip_full_mask``: no attention_mask when no row has padding (packed rows): transformers then takes its
+        causal-only path, without checking the mask on every forward (a host sync on GPUs).
+        """
         import torch
 
         idx = np.asarray(indices, dtype=np.int64)
         input_ids = np.asarray(self.input_ids[idx], dtype=np.int64)
-        mask = np.arange(self.seq_len)[None, :] < np.asarray(self.lengths[idx])[:, None]
-        if self.labels is None:
-            labels = np.where(mask, input_ids, IGNORE_INDEX)
-        else:
+        lengths = np.asarray(self.lengths[idx])
+        full = bool((lengths >= self.seq_len).all())
+        mask = None if full else np.arange(self.seq_len)[None, :] < lengths[:, None]
+        if self.labels is not None:
             labels = np.asarray(self.labels[idx], dtype=np.int64)
-        return {
-            "input_ids": torch.from_numpy(input_ids),
-            "labels": torch.from_numpy(labels),
-            "attention_mask": torch.from_numpy(mask.astype(np.int64)),
-        }
+        else:
+            labels = input_ids.copy() if mask is None else np.where(mask, input_ids, IGNORE_INDEX)
+        batch = {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels)}
+        if not (skip_full_mask and full):
+            ones = np.ones(input_ids.shape, dtype=np.int64)
+            batch["attention_mask"] = torch.from_numpy(ones if mask is None else mask.astype(np.int64))
+        return batch
 
 
 @dataclass

@@ -315,42 +315,58 @@ class LaggedAgreement:
     ``post(values)`` at the end of step k starts an asynchronous all-reduce; ``collect()`` at the end of step k+1
     returns its result. Gloo runs it in its own thread; on GPUs the collective and the copy of its result into pinned
     host memory queue behind step k, and ``collect`` waits only for those (step k+1 keeps the GPU busy meanwhile).
-    Every rank must call both once per step, in the same order.
+    Every rank must call both once per step, in the same order. The buffers (and the GPU event) are allocated once and
+    reused: ``post`` needs the previous result collected.
     """
 
     def __init__(self, device: Any) -> None:
         self.device = device
-        self._pending: Optional[tuple] = None
+        self._pending: Optional[Any] = None  # the gloo work, or True while a GPU copy is in flight
+        self._host: Any = None  # CPU: the reduced tensor itself; GPU: the pinned staging and result buffers
+        self._stage: Any = None
+        self._buffer: Any = None  # GPU: the device tensor that is reduced
+        self._event: Any = None
+
+    def _allocate(self, size: int) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            self._stage = torch.zeros(size, dtype=torch.float32, pin_memory=True)
+            self._host = torch.zeros(size, dtype=torch.float32, pin_memory=True)
+            self._buffer = torch.zeros(size, dtype=torch.float32, device=self.device)
+            self._event = torch.cuda.Event()
+        else:
+            self._host = torch.zeros(size, dtype=torch.float32)
 
     def post(self, values: Sequence[float]) -> None:
-        import torch
         import torch.distributed as dist
 
-        tensor = torch.tensor(list(values), dtype=torch.float32)
+        if self._pending is not None:
+            raise RuntimeError("LaggedAgreement.post: collect() the previous result first")
+        if self._host is None or self._host.numel() != len(values):
+            self._allocate(len(values))
         distributed = dist.is_initialized() and dist.get_world_size() > 1
         if self.device.type == "cuda":
-            tensor = tensor.pin_memory().to(self.device, non_blocking=True)
+            self._stage.numpy()[:] = values  # the previous copy out of it finished before its result was collected
+            self._buffer.copy_(self._stage, non_blocking=True)
             if distributed:
-                dist.all_reduce(tensor, op=dist.ReduceOp.MAX, async_op=True).wait()  # stream-ordered, no host wait
-            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-            host.copy_(tensor, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            self._pending = (None, host, event)
+                dist.all_reduce(self._buffer, op=dist.ReduceOp.MAX, async_op=True).wait()  # stream-ordered
+            self._host.copy_(self._buffer, non_blocking=True)
+            self._event.record()
+            self._pending = True
             return
-        work = dist.all_reduce(tensor, op=dist.ReduceOp.MAX, async_op=True) if distributed else None
-        self._pending = (work, tensor, None)
+        self._host.numpy()[:] = values
+        self._pending = dist.all_reduce(self._host, op=dist.ReduceOp.MAX, async_op=True) if distributed else True
 
     def collect(self) -> Optional[list]:
         if self._pending is None:
             return None
-        work, host, event = self._pending
-        self._pending = None
-        if work is not None:
-            work.wait()
-        if event is not None:
-            event.synchronize()
-        return host.tolist()
+        pending, self._pending = self._pending, None
+        if pending is not True:
+            pending.wait()
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host.tolist()
 
 
 class PeerFailed(RuntimeError):

@@ -20,34 +20,45 @@ Weights are saved in the training precision (bf16 on GPUs, fp32 on CPU).
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional
 
 import torch
 
 from launcher.train.distributed import barrier, log
 
+if TYPE_CHECKING:
+    from launcher.config.schema import PeftConfig
 
-def export_model(strategy: Any, directory: Path, tokenizer: Any) -> Optional[Path]:
-    """Collective: every rank calls it; rank 0 writes ``directory``. Returns the directory on rank 0."""
+
+def export_model(strategy: Any, directory: Path, tokenizer: Any, *, peft: Optional["PeftConfig"] = None,
+                 pretrained: Optional[str] = None) -> Optional[Path]:
+    """Collective: every rank calls it; rank 0 writes ``directory``. Returns the directory on rank 0.
+
+    ``peft``: the run's adapter settings (an adapter export unless its name is ``none``); ``pretrained``: the base
+    model's directory, which the adapter then points to. Weights keep the training precision (``strategy.precision``).
+    """
     state_dict = strategy.full_state_dict()
     result = None
     if strategy.env.is_main:
         assert state_dict is not None
-        cfg = strategy.cfg
         result = write_export(
             state_dict,
             Path(directory),
             config=_hf_config_of(strategy.module),
             tokenizer=tokenizer,
-            peft_cfg=cfg.peft if cfg.peft.name != "none" else None,
-            pretrained=cfg.model.pretrained,
-            dtype=strategy.export_dtype,
+            peft_cfg=peft if peft is not None and peft.name != "none" else None,
+            pretrained=pretrained,
+            dtype=export_dtype(strategy.precision),
         )
     barrier()
     return result
+
+
+def export_dtype(precision: str) -> torch.dtype:
+    """The dtype of exported weights: the training precision (bf16 or fp32)."""
+    return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
 def _hf_config_of(module: Any) -> Any:
@@ -65,12 +76,9 @@ def write_export(
     pretrained: Optional[str] = None,
     dtype: torch.dtype = torch.float32,
 ) -> Path:
-    try:  # no per-shard progress bars in Slurm logs
-        from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
+    hf_logging.disable_progress_bar()  # no per-shard progress bars in Slurm logs
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -127,7 +135,7 @@ def _write_peft(
     peft_model.peft_config["default"].base_model_name_or_path = base_path
     # Embeddings are not adapted: no need for peft to compare vocabularies with the (not yet renamed) base.
     peft_model.save_pretrained(tmp, save_embedding_layers=False)
-    if bool(peft_cfg.get("merge_on_export", False)):
+    if peft_cfg.merge_on_export:
         merged = peft_model.merge_and_unload()
         merged.save_pretrained(tmp / "merged")
 
@@ -145,17 +153,11 @@ def _without_adapter_name(adapter_sd: Dict[str, torch.Tensor]) -> Dict[str, torc
 
 def _clean_model(config: Any, dtype: torch.dtype) -> Any:
     """An empty model of the config's class: parameters on the meta device, real buffers (rotary tables)."""
+    from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    try:
-        from accelerate import init_empty_weights
-
-        context: Any = init_empty_weights(include_buffers=False)
-    except ImportError:
-        context = contextlib.nullcontext()
-    with context:
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
 def _load(model: Any, state_dict: Dict[str, torch.Tensor]) -> None:

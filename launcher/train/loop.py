@@ -2,7 +2,7 @@
 
 Per step (``grad_accum`` micro-batches per rank):
 
-    for each micro-batch: batch = split.collate(sampler.next_indices()); strategy.forward_backward(batch)
+    for each micro-batch: strategy.forward_backward(batch on the device; on GPUs the next one is already queued)
     strategy.step()                                   clip, optimizer, scheduler
     every train.log_every steps: one all-reduce of the loss, one host sync, one metrics line
     every train.eval_every steps (and at the end): train.eval_batches batches of the held-out split
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 import torch
@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from launcher.rundir import ENV_SIGNAL_LEAD_S
 from launcher.train import distributed as D
+from launcher.train.batches import DeviceBatches, to_device
 from launcher.train.metrics import MetricsFile, PeakMemory, Progress, StepWindow, device_peak_tflops
 
 FINISHED = "finished"
@@ -36,10 +37,11 @@ class LoopState:
     step: int = 0
     tokens: int = 0  # tokens trained so far (all ranks, padding included)
     elapsed_s: float = 0.0  # wall time of earlier attempts (from the checkpoint)
-    extra: Dict[str, Any] = field(default_factory=dict)
 
 
 class Trainer:
+    """Runs ``strategy`` from ``state.step`` to ``train.max_steps``; ``train()`` returns FINISHED or STOPPED."""
+
     def __init__(
         self,
         *,
@@ -60,6 +62,7 @@ class Trainer:
         self.strategy = strategy
         self.splits = splits
         self.sampler = sampler
+        self.batches = DeviceBatches(splits.train, sampler, env.device)
         self.checkpoints = checkpoints
         self.metrics = metrics
         self.flops_per_token = flops_per_token
@@ -75,8 +78,7 @@ class Trainer:
         self.save_every_s = float(train.save_every_minutes) * 60 if train.save_every_minutes else None
         self.sleep_s = float(train.debug_step_sleep_s or 0.0)
         self.tokens_per_step = int(train.micro_batch_size) * self.accum * env.world_size * splits.train.seq_len
-        cluster = cfg.cluster or {}
-        peak = device_peak_tflops(cluster.get("device") if hasattr(cluster, "get") else None)
+        peak = device_peak_tflops(getattr(cfg.cluster, "device", None))  # no cluster section: no MFU
         self.peak_flops = peak * 1e12 if peak else None
         self.progress = Progress(
             total=self.max_steps, initial=state.step, enabled=env.is_main,
@@ -88,58 +90,34 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------------------------------
     def train(self) -> str:
+        """Train to ``max_steps``, or until a stop request (then save and return STOPPED)."""
         device = self.env.device
-        strategy = self.strategy
-        split = self.splits.train
-        attempt_start = time.perf_counter()
+        self._attempt_start = time.perf_counter()
         self._last_save_time = time.monotonic()
         self._started, self._first_step = time.monotonic(), self.state.step
-        window = StepWindow()
-        loss_sum = torch.zeros((), dtype=torch.float32, device=device)
-        grad_norm = torch.zeros((), dtype=torch.float32, device=device)
+        self._window = StepWindow()
+        self._loss_sum = torch.zeros((), dtype=torch.float32, device=device)
         agreement = D.LaggedAgreement(device)
-        strategy.train_mode()
+        self.strategy.model.train()
         outcome = FINISHED
         if self.state.step >= self.max_steps:
             self.progress.message(f"already at step {self.state.step} of {self.max_steps}: nothing to train")
         for step in range(self.state.step + 1, self.max_steps + 1):
-            lr = strategy.lr
-            for micro in range(self.accum):
-                batch = split.collate(self.sampler.next_indices())
-                loss_sum += strategy.forward_backward(batch, last=micro == self.accum - 1)
-            grad_norm = strategy.step()
-            if self.sleep_s:
-                time.sleep(self.sleep_s)
-            window.steps += 1
+            lr = float(self.strategy.scheduler.get_last_lr()[0])  # the rate this step uses (no device sync)
+            grad_norm = self._train_step(step)
+            self._window.steps += 1
             self.state.step = step
             self.state.tokens += self.tokens_per_step
-
             if step == self.state_first_step_of_attempt:
                 self.peak_memory.reset()  # from here on: the training peak, not the load's
             if step % self.log_every == 0 or step == self.max_steps:
-                values, steps, window_s = window.close(lambda: self._reduce_for_log(loss_sum, window.steps, grad_norm))
-                self._log_train(step, values, steps, lr, window_s,
-                                self.state.elapsed_s + time.perf_counter() - attempt_start)
-                loss_sum.zero_()
-
+                self._log_window(step, lr, grad_norm)
             if self.eval_every and (step % self.eval_every == 0 or step == self.max_steps):
-                paused = time.perf_counter()
-                self.evaluate(step)
-                window.excluded_s += time.perf_counter() - paused
+                self._paused(lambda: self.evaluate(step))
             flags = agreement.collect()  # what every rank posted at the end of the previous step
-            stop, time_due = bool(flags and flags[0] > 0), bool(flags and flags[1] > 0)
-            if stop and step < self.max_steps:
-                self.progress.message(f"stop requested ({D.stop_reason() or 'another rank'}): saving at step {step}")
-            saving = (
-                (self.save_every and step % self.save_every == 0) or time_due or step == self.max_steps or stop
-            )
-            if saving:
-                paused = time.perf_counter()
-                self.state.elapsed_s += paused - attempt_start
-                attempt_start = paused
-                self.save(step)
-                window.excluded_s += time.perf_counter() - paused
-            if stop and step < self.max_steps:
+            stop = bool(flags and flags[0] > 0) and step < self.max_steps
+            self._maybe_save(step, stop=stop, time_due=bool(flags and flags[1] > 0))
+            if stop:
                 outcome = STOPPED
                 break
             if step < self.max_steps:
@@ -148,6 +126,41 @@ class Trainer:
         agreement.collect()  # nothing may stay in flight before the export's collectives
         self.progress.close()
         return outcome
+
+    def _train_step(self, step: int) -> torch.Tensor:
+        """``accum`` micro-batches and the optimizer step; returns the grad norm (on the device)."""
+        for micro in range(self.accum):
+            last = micro == self.accum - 1
+            batch = self.batches.next(more=not (last and step == self.max_steps))
+            self._loss_sum += self.strategy.forward_backward(batch, last=last)
+        grad_norm = self.strategy.step()
+        if self.sleep_s:
+            time.sleep(self.sleep_s)
+        return grad_norm
+
+    def _log_window(self, step: int, lr: float, grad_norm: torch.Tensor) -> None:
+        window = self._window
+        values, steps, window_s = window.close(lambda: self._reduce_for_log(self._loss_sum, window.steps, grad_norm))
+        self._log_train(step, values, steps, lr, window_s,
+                        self.state.elapsed_s + time.perf_counter() - self._attempt_start)
+        self._loss_sum.zero_()
+
+    def _paused(self, work: Any) -> None:
+        """Run ``work`` with its time left out of the throughput window."""
+        paused = time.perf_counter()
+        work()
+        self._window.excluded_s += time.perf_counter() - paused
+
+    def _maybe_save(self, step: int, *, stop: bool, time_due: bool) -> None:
+        if stop:
+            self.progress.message(f"stop requested ({D.stop_reason() or 'another rank'}): saving at step {step}")
+        every = self.save_every and step % self.save_every == 0
+        if not (every or time_due or step == self.max_steps or stop):
+            return
+        now = time.perf_counter()
+        self.state.elapsed_s += now - self._attempt_start
+        self._attempt_start = now
+        self._paused(lambda: self.save(step))
 
     # -------------------------------------------------------------------------------------------------------------
     def _reduce_for_log(self, loss_sum: torch.Tensor, steps: int, grad_norm: torch.Tensor) -> list:
@@ -194,11 +207,14 @@ class Trainer:
         )
         if not batches:
             return None
-        self.strategy.eval_mode()
+        model = self.strategy.model
+        model.eval()
         total = torch.zeros((), dtype=torch.float32, device=self.env.device)
-        for indices in batches:
-            total += self.strategy.eval_loss(split.collate(indices))
-        self.strategy.train_mode()
+        with torch.no_grad():
+            for indices in batches:
+                batch = to_device(split.collate(indices, skip_full_mask=True), self.env.device)
+                total += model(**batch).loss.detach().float()
+        model.train()
         mean = total / len(batches)
         if dist.is_initialized() and self.env.world_size > 1:
             dist.all_reduce(mean, op=dist.ReduceOp.SUM)
@@ -216,7 +232,7 @@ class Trainer:
             return
         state = dict(self.extra)
         state.update(
-            sampler=self.sampler.state_dict(),
+            sampler=self.batches.sampler_state(),
             tokens=self.state.tokens,
             elapsed_s=self.state.elapsed_s,
             metrics_step=step,

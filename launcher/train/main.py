@@ -6,31 +6,41 @@ Launch commands (each process calls ``run``; see docs/training.md):
     one process:         python -m launcher.train RUN_DIR
     Slurm (srun, one task per device): each task calls launcher.train.main.run(RUN_DIR) (launcher/slurm/task.py via submitit)
 
-Exit codes: 0 trained (or already trained) and exported; 2 bad input (config, data, model: the message says which key);
-3 a stop signal (SIGTERM/SIGUSR2) or ``request_stop()`` arrived, every rank saved a checkpoint: requeue and run the same
-command again to resume; 4 the preflight found the allocation unusable (the message says which rank and why);
-anything else (an exception) is a failure.
+Exit codes (``launcher.rundir.EXIT_*``): 0 trained (or already trained) and exported; 2 bad input (config, data, model:
+the message says which key); 3 a stop signal (SIGTERM/SIGUSR2) or ``request_stop()`` arrived, every rank saved a
+checkpoint: requeue and run the same command again to resume; 4 the preflight found the allocation unusable (the
+message says which rank and why); anything else (an exception) is a failure.
+
+The config is read once into the schema dataclasses (``launcher.config.load.read_run_config``); helpers get the
+sections they use. ``run`` = ``_prepare`` (preflight, strategy, tokenizer, model) then ``_train`` or ``_export_only``,
+which share the one resume path, ``_resume``. The setup helpers live in ``launcher.train.setup``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
 import traceback
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Dict, Iterator, Optional, Tuple
 
-from launcher.rundir import CONFIG_FILE, EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_REQUEUE  # noqa: F401
+from launcher.rundir import (
+    CHECKPOINTS_DIR,
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_PREFLIGHT,
+    EXIT_REQUEUE,
+    EXPORT_DIR,
+    METRICS_FILE,
+)
 
-
-def load_config(run_dir: Path) -> Any:
-    from omegaconf import OmegaConf
-
-    path = run_dir / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no resolved config (the launcher writes it before starting the job)")
-    return OmegaConf.load(path)
+if TYPE_CHECKING:
+    from launcher.config.schema import LauncherConfig, TrainConfig
+    from launcher.train.distributed import DistEnv
 
 
 def run(run_dir: str | Path) -> int:
@@ -41,22 +51,24 @@ def run(run_dir: str | Path) -> int:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
-        cfg = load_config(run_dir)
-    except Exception as e:  # noqa: BLE001
+        from launcher.config.load import read_run_config
+
+        cfg = read_run_config(run_dir)
+    except Exception as e:  # noqa: BLE001 - absent, unreadable, or a value of the wrong type
         print(f"train: error: {e}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
 
-    from launcher.preflight import EXIT_PREFLIGHT, PreflightError
     from launcher.train import distributed as D
+    from launcher.train.preflight import PreflightError
+    from launcher.train.strategies.fsdp import needs_cpu_collectives
 
-    cluster = cfg.cluster if cfg.get("cluster") else None
+    # distributed.setup reads the cluster section as a mapping.
+    cluster = asdict(cfg.cluster) if cfg.cluster is not None else None
     # Before the rendezvous: a time-limit or preemption signal during a slow start must only set the flag.
     restore_signals = D.install_signal_handlers()
     D.clear_stop()
-    from launcher.train.strategies.fsdp import needs_cpu_collectives
-
     try:
-        # setup() applies it only when the device turns out to be a GPU.
+        # setup() applies cpu_collectives only when the device turns out to be a GPU.
         env = D.setup(cluster, cpu_collectives=needs_cpu_collectives(cfg.strategy, "cuda"))
     except Exception as e:  # noqa: BLE001 - rendezvous timeout, no GPU for nccl, ...
         restore_signals()
@@ -94,108 +106,149 @@ class _SetupError(ValueError):
     """A ValueError raised while reading inputs (before training starts): bad input, not a bug."""
 
 
-def _run(cfg: Any, env: Any, run_dir: Path) -> int:
-    import warnings
-
-    from launcher.train import distributed as D
-    from launcher.train import strategies
-    from launcher.train.checkpoint import CheckpointManager, config_hash, reseed, training_config
-    from launcher.train.loop import STOPPED, LoopState, Trainer
-    from launcher.train.metrics import MetricsFile, count_parameters, flops_per_token
-    from launcher.train.modeling import apply_peft, build_model, check_seq_len, hf_config
-
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"deepspeed(\.|$)")
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # per-file bars make unreadable Slurm logs
-    t0 = time.perf_counter()
-    plain_cfg = _as_dict(cfg)
-    train = cfg.train
-    seed = int(train.seed)
-    D.log(
-        f"run {run_dir.name}: {env.world_size} rank(s) via {env.source}, backend {env.backend}, device "
-        f"{env.device}, strategy {cfg.strategy.name}, peft {cfg.peft.name}", env=env,
-    )
-
-    _preflight_and_fingerprint(cfg, env, run_dir)
-    # Fail early, cheapest checks first: packages for the strategy, then the model's shape against seq_len.
-    strategy = strategies.create(cfg, env)
+@contextlib.contextmanager
+def _as_input_error() -> Iterator[None]:
+    """Inside: a plain ValueError (bad data, a model transformers refuses) becomes ``_SetupError`` (exit 2)."""
     try:
-        model_cfg = plain_cfg["model"]
-        config = hf_config(model_cfg)
-        check_seq_len(int(train.seq_len), config)
-        tokenizer = _tokenizer(cfg, plain_cfg, run_dir, env)
-        config = hf_config(model_cfg, tokenizer)
-        model = build_model(model_cfg, config=config, seed=seed, tokenizer=tokenizer)
-        model = apply_peft(model, plain_cfg["peft"], seed=seed,
-                           gradient_checkpointing=bool(model_cfg.get("gradient_checkpointing")))
+        yield
     except ValueError as e:
         if isinstance(e, _input_errors()):
             raise
         raise _SetupError(str(e)) from e
+
+
+@dataclass
+class _Prepared:
+    """What training and export share, built before any checkpoint is read."""
+
+    strategy: Any
+    model: Any  # the Hugging Face (or peft) model, not wrapped yet
+    config: Any  # its transformers config
+    tokenizer: Any
+    params: Dict[str, int]  # metrics.count_parameters
+    started: float  # time.perf_counter() when _prepare began
+
+
+def _run(cfg: "LauncherConfig", env: "DistEnv", run_dir: Path) -> int:
+    prepared = _prepare(cfg, env, run_dir)
+    if cfg.export_only:
+        return _export_only(cfg, env, run_dir, prepared)
+    return _train(cfg, env, run_dir, prepared)
+
+
+def _prepare(cfg: "LauncherConfig", env: "DistEnv", run_dir: Path) -> _Prepared:
+    """Preflight and fingerprint, the strategy, the tokenizer and the model (with its adapters)."""
+    from launcher.train import distributed as D
+    from launcher.train import setup, strategies
+    from launcher.train.metrics import count_parameters
+    from launcher.train.modeling import apply_peft, build_model, check_seq_len, hf_config
+
+    _quiet_libraries()
+    started = time.perf_counter()
+    seed = cfg.train.seed
+    D.log(
+        f"run {run_dir.name}: {env.world_size} rank(s) via {env.source}, backend {env.backend}, device "
+        f"{env.device}, strategy {cfg.strategy.name}, peft {cfg.peft.name}", env=env,
+    )
+    setup.preflight_and_fingerprint(cfg, env, run_dir)
+    # Fail early, cheapest checks first: packages for the strategy, then the model's shape against seq_len.
+    strategy = strategies.create(cfg.strategy, cfg.train, env)
+    with _as_input_error():
+        check_seq_len(cfg.train.seq_len, hf_config(cfg.model))
+        tokenizer = setup.build_tokenizer(cfg.model, cfg.data, run_dir, env)
+        config = hf_config(cfg.model, tokenizer)
+        model = build_model(cfg.model, config=config, seed=seed, tokenizer=tokenizer)
+        model = apply_peft(model, cfg.peft, seed=seed, gradient_checkpointing=cfg.model.gradient_checkpointing)
     params = count_parameters(model)
     D.log(
         f"model {type(model).__name__}: {params['total'] / 1e6:.2f}M parameters, "
         f"{params['trainable'] / 1e6:.3f}M trainable", env=env,
     )
+    return _Prepared(strategy, model, config, tokenizer, params, started)
 
-    checkpoints_root = run_dir / "checkpoints"
-    if cfg.export_only:
-        strategy.wrap(model)
-        manager = CheckpointManager(checkpoints_root, env, strategy, keep_last=train.keep_last,
-                                    keep_every=train.keep_every)
-        latest = manager.find_latest()
-        if latest is None:
-            from launcher.train.checkpoint import CheckpointError
 
-            raise CheckpointError(f"export_only=true but {checkpoints_root} holds no complete checkpoint to export")
-        manager.check_compatible(latest, manager.read_state(latest), cfg_hash=config_hash(plain_cfg),
-                                 cfg_flat=training_config(plain_cfg))
-        manager.load(latest, seed=seed)
-        strategy.export(run_dir / "export", tokenizer)
-        return EXIT_OK
+def _quiet_libraries() -> None:
+    """Silence warnings that are not ours to fix, and per-file progress bars (they make unreadable Slurm logs)."""
+    import warnings
 
-    try:
-        splits = _datasets(cfg, plain_cfg, tokenizer, env, seed, run_dir)
-        sampler = _sampler(splits, cfg, env, seed)
-    except ValueError as e:
-        if isinstance(e, _input_errors()):
-            raise
-        raise _SetupError(str(e)) from e
+    from transformers.utils import logging as hf_logging
 
-    strategy.wrap(model)
-    manager = CheckpointManager(checkpoints_root, env, strategy, keep_last=train.keep_last, keep_every=train.keep_every)
-    cfg_hash, cfg_flat = config_hash(plain_cfg), training_config(plain_cfg)
-    state = LoopState()
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"deepspeed(\.|$)")
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    hf_logging.disable_progress_bar()
+
+
+def _open_checkpoints(prepared: _Prepared, train: "TrainConfig", env: "DistEnv", run_dir: Path) -> Any:
+    """Wrap the model (the strategy builds its optimizer and scheduler) and open ``<run_dir>/checkpoints``."""
+    from launcher.train.checkpoint import CheckpointManager
+
+    prepared.strategy.wrap(prepared.model)
+    return CheckpointManager(run_dir / CHECKPOINTS_DIR, env, prepared.strategy, keep_last=train.keep_last,
+                             keep_every=train.keep_every)
+
+
+def _config_identity(cfg: "LauncherConfig") -> Tuple[str, Dict[str, Any]]:
+    """(config hash, flattened training config): what a checkpoint records and a resume compares."""
+    from launcher.train.checkpoint import config_hash, training_config
+
+    tree = asdict(cfg)
+    return config_hash(tree), training_config(tree)
+
+
+def _resume(manager: Any, cfg: "LauncherConfig") -> Optional[Dict[str, Any]]:
+    """THE resume path (training and export): load the newest complete checkpoint after checking that it fits this
+    run (strategy, world size; a changed config only warns). Returns its trainer state, or None when there is none."""
     latest = manager.find_latest()
-    if latest is not None:
-        saved = manager.read_state(latest)
-        manager.check_compatible(latest, saved, cfg_hash=cfg_hash, cfg_flat=cfg_flat)
-        saved = manager.load(latest, seed=seed)
-        sampler.load_state_dict(saved["sampler"])
-        state = LoopState(step=int(saved["step"]), tokens=int(saved.get("tokens", 0)),
-                          elapsed_s=float(saved.get("elapsed_s", 0.0)))
-    else:
-        reseed(seed, env.rank)
-    manager.remove_unfinished()
+    if latest is None:
+        return None
+    cfg_hash, cfg_flat = _config_identity(cfg)
+    manager.check_compatible(latest, manager.read_state(latest), cfg_hash=cfg_hash, cfg_flat=cfg_flat)
+    return manager.load(latest, seed=cfg.train.seed)
 
-    metrics = MetricsFile(run_dir / "metrics.jsonl", resume_step=state.step, enabled=env.is_main)
-    tensorboard = _tensorboard(cfg, run_dir, env)
-    fpt = flops_per_token(params, num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
-                          seq_len=int(train.seq_len))
-    trainer = Trainer(
-        cfg=cfg, env=env, strategy=strategy, splits=splits, sampler=sampler, checkpoints=manager, metrics=metrics,
-        flops_per_token=fpt, state=state, tensorboard=tensorboard,
-        trainer_state_extra={
-            "config_hash": cfg_hash,
-            "training_config": cfg_flat,
-            "global_batch_sequences": int(train.micro_batch_size) * int(train.grad_accum) * env.world_size,
-        },
-    )
+
+def _export(cfg: "LauncherConfig", prepared: _Prepared, run_dir: Path) -> None:
+    """Collective: write the Hugging Face export to ``<run_dir>/export`` (rank 0 writes)."""
+    from launcher.train.export import export_model
+
+    export_model(prepared.strategy, run_dir / EXPORT_DIR, prepared.tokenizer, peft=cfg.peft,
+                 pretrained=cfg.model.pretrained)
+
+
+def _export_only(cfg: "LauncherConfig", env: "DistEnv", run_dir: Path, prepared: _Prepared) -> int:
+    """``export_only=true``: export the newest checkpoint; nothing is trained."""
+    from launcher.train.checkpoint import CheckpointError
+
+    manager = _open_checkpoints(prepared, cfg.train, env, run_dir)
+    if _resume(manager, cfg) is None:
+        raise CheckpointError(
+            f"export_only=true but {run_dir / CHECKPOINTS_DIR} holds no complete checkpoint to export"
+        )
+    _export(cfg, prepared, run_dir)
+    return EXIT_OK
+
+
+def _train(cfg: "LauncherConfig", env: "DistEnv", run_dir: Path, prepared: _Prepared) -> int:
+    """Data, resume (or a fresh seed), the loop, then the export; EXIT_REQUEUE when a stop signal ended the loop."""
+    from launcher.train import distributed as D
+    from launcher.train import setup
+    from launcher.train.loop import STOPPED
+    from launcher.train.metrics import MetricsFile
+
+    train = cfg.train
+    with _as_input_error():
+        splits = setup.build_datasets(cfg.data, seq_len=train.seq_len, output_dir=cfg.output_dir,
+                                      tokenizer=prepared.tokenizer, env=env, seed=train.seed, run_dir=run_dir)
+        sampler = setup.build_sampler(len(splits.train), micro_batch_size=train.micro_batch_size, env=env,
+                                      seed=train.seed)
+    manager = _open_checkpoints(prepared, train, env, run_dir)
+    state = _resume_training(manager, sampler, cfg, env)
+    metrics = MetricsFile(run_dir / METRICS_FILE, resume_step=state.step, enabled=env.is_main)
+    tensorboard = setup.open_tensorboard(train.tensorboard, run_dir, env)
+    trainer = _trainer(cfg, env, prepared, splits=splits, sampler=sampler, checkpoints=manager, metrics=metrics,
+                       tensorboard=tensorboard, state=state)
     D.log(
-        f"ready in {time.perf_counter() - t0:.1f}s: {len(splits.train)} train / {len(splits.eval)} eval sequences of "
-        f"{splits.train.seq_len} tokens; global batch {trainer.tokens_per_step} tokens; "
+        f"ready in {time.perf_counter() - prepared.started:.1f}s: {len(splits.train)} train / {len(splits.eval)} "
+        f"eval sequences of {splits.train.seq_len} tokens; global batch {trainer.tokens_per_step} tokens; "
         + (f"resuming at step {state.step}" if state.step else "starting at step 0"), env=env,
     )
     try:
@@ -207,88 +260,46 @@ def _run(cfg: Any, env: Any, run_dir: Path) -> int:
     if outcome == STOPPED:
         D.log(f"stopped at step {state.step} after a checkpoint: exit {EXIT_REQUEUE} (requeue to resume)", env=env)
         return EXIT_REQUEUE
-    if train.get("export", True):
-        strategy.export(run_dir / "export", tokenizer)
-    D.log(f"done: step {state.step}, {time.perf_counter() - t0:.1f}s", env=env)
+    if train.export:
+        _export(cfg, prepared, run_dir)
+    D.log(f"done: step {state.step}, {time.perf_counter() - prepared.started:.1f}s", env=env)
     return EXIT_OK
 
 
-def _preflight_and_fingerprint(cfg: Any, env: Any, run_dir: Path) -> None:
-    """Before building anything: check the allocation (devices, binding, bandwidth) and record the environment."""
-    from launcher.preflight import preflight_enabled, run_preflight
+def _resume_training(manager: Any, sampler: Any, cfg: "LauncherConfig", env: "DistEnv") -> Any:
+    """The loop's starting state: the checkpoint's (and the sampler's position), else step 0 with a fresh seed.
+    Half-written checkpoints of a crashed attempt are removed afterwards."""
+    from launcher.train.checkpoint import reseed
+    from launcher.train.loop import LoopState
 
-    if preflight_enabled(cfg) and not cfg.export_only:
-        # The first collective also creates NCCL's communicators: slow on hundreds of GPUs and cold nodes.
-        run_preflight(cfg, rank=env.rank, local_rank=env.local_rank, world_size=env.world_size, device=env.device,
-                      run_dir=run_dir, timeout_s=300.0 + env.world_size / 8)
-    if env.is_main:  # after the preflight: its imports and image hashing must not eat into the others' timeout
-        from launcher.scaling.fingerprint import write_fingerprint
-
-        write_fingerprint(run_dir, env.world_size)
-
-
-def _as_dict(cfg: Any) -> dict:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    saved = _resume(manager, cfg)
+    if saved is None:
+        reseed(cfg.train.seed, env.rank)
+        state = LoopState()
+    else:
+        sampler.load_state_dict(saved["sampler"])
+        state = LoopState(step=int(saved["step"]), tokens=int(saved.get("tokens", 0)),
+                          elapsed_s=float(saved.get("elapsed_s", 0.0)))
+    manager.remove_unfinished()
+    return state
 
 
-def _tokenizer(cfg: Any, plain_cfg: dict, run_dir: Path, env: Any) -> Any:
-    from launcher.train import distributed as D
-    from launcher.train.data_formats import iter_texts
-    from launcher.train.tokenizer import load_or_build_tokenizer, tokenizer_source
+def _trainer(cfg: "LauncherConfig", env: "DistEnv", prepared: _Prepared, *, splits: Any, sampler: Any,
+             checkpoints: Any, metrics: Any, tensorboard: Any, state: Any) -> Any:
+    """The loop, with the FLOPs per token for MFU and what every checkpoint records about the config."""
+    from launcher.train.loop import Trainer
+    from launcher.train.metrics import flops_per_token
 
-    data = plain_cfg["data"]
-    if tokenizer_source(plain_cfg["model"]) is not None:  # a local directory: every rank loads it, no barrier
-        return load_or_build_tokenizer(plain_cfg["model"], lambda: [], run_dir / "tokenizer", is_main=env.is_main,
-                                       barrier=D.barrier)
-    return D.run_together(
-        lambda barrier: load_or_build_tokenizer(
-            plain_cfg["model"],
-            lambda: iter_texts(data["path"], data.get("format")),
-            run_dir / "tokenizer",
-            is_main=env.is_main,
-            barrier=barrier,
-        ),
-        env.device,
-        "building the tokenizer",
-        flag_dir=run_dir / ".sync",
+    train, config = cfg.train, prepared.config
+    cfg_hash, cfg_flat = _config_identity(cfg)
+    fpt = flops_per_token(prepared.params, num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
+                          seq_len=train.seq_len)
+    extra = {
+        "config_hash": cfg_hash,
+        "training_config": cfg_flat,
+        "global_batch_sequences": train.micro_batch_size * train.grad_accum * env.world_size,
+    }
+    return Trainer(
+        cfg=cfg, env=env, strategy=prepared.strategy, splits=splits, sampler=sampler, checkpoints=checkpoints,
+        metrics=metrics, flops_per_token=fpt, state=state, tensorboard=tensorboard, trainer_state_extra=extra,
     )
-
-
-def _datasets(cfg: Any, plain_cfg: dict, tokenizer: Any, env: Any, seed: int, run_dir: Path) -> Any:
-    from launcher.train import distributed as D
-    from launcher.train.data import cache_root_for, prepare_datasets
-
-    data = plain_cfg["data"]
-    return D.run_together(
-        lambda barrier: prepare_datasets(
-            data, tokenizer, int(cfg.train.seq_len), cache_root_for(data, plain_cfg["output_dir"]),
-            seed=seed, is_main=env.is_main, barrier=barrier,
-        ),
-        env.device,
-        "preparing the data",
-        flag_dir=run_dir / ".sync",
-    )
-
-
-def _sampler(splits: Any, cfg: Any, env: Any, seed: int) -> Any:
-    from launcher.train.sampler import ResumableSampler
-
-    return ResumableSampler(
-        len(splits.train), global_batch_size=int(cfg.train.micro_batch_size) * env.world_size,
-        rank=env.rank, world_size=env.world_size, seed=seed,
-    )
-
-
-def _tensorboard(cfg: Any, run_dir: Path, env: Any) -> Optional[Any]:
-    if not cfg.train.get("tensorboard", False) or not env.is_main:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        from launcher.train.distributed import log
-
-        log("WARNING: train.tensorboard=true but tensorboard is not installed (pip install tensorboard); skipping")
-        return None
-    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))

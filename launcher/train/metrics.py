@@ -17,8 +17,10 @@ from typing import Any, Callable, Dict, Optional, TextIO, Tuple, TypeVar
 
 from launcher.plan.devices import DEVICES
 from launcher.plan.flops import flops_per_token as plan_flops
+from launcher.rundir import TMP_SUFFIX, parse_metrics_line
 
 T = TypeVar("T")
+
 
 def device_peak_tflops(name: Optional[str]) -> Optional[float]:
     """The device's dense bf16 peak from THE device table (launcher.plan.devices); None for an unknown name."""
@@ -160,25 +162,16 @@ def truncate_history(path: Path, keep_through_step: int) -> int:
     kept = []
     with open(path, encoding="utf-8") as handle:
         for line in handle:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash
-            if isinstance(record, dict) and int(record.get("step", 0)) <= keep_through_step:
+            record = parse_metrics_line(line)  # None for a line cut by a crash
+            if record is not None and int(record.get("step", 0)) <= keep_through_step:
                 kept.append(line if line.endswith("\n") else line + "\n")
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(path.name + TMP_SUFFIX)
     with open(tmp, "w", encoding="utf-8") as handle:
         handle.writelines(kept)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
     return len(kept)
-
-
-def read_metrics(path: Path) -> list:
-    """All records of a metrics file (tests, tools)."""
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
 
 
 class Progress:
@@ -193,12 +186,9 @@ class Progress:
         if not enabled:
             return
         if sys.stderr.isatty():
-            try:
-                from tqdm import tqdm
+            from tqdm import tqdm
 
-                self._bar = tqdm(total=total, initial=initial, dynamic_ncols=True, desc="train")
-            except ImportError:
-                self._bar = None
+            self._bar = tqdm(total=total, initial=initial, dynamic_ncols=True, desc="train")
 
     def update(self, step: int, record: Dict[str, Any]) -> None:
         if not self.enabled:

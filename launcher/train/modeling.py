@@ -2,17 +2,23 @@
 
 Never a hub call: ``model.pretrained`` must be a local directory (compute nodes are offline). Every rank builds the same
 weights: the build runs under ``torch.manual_seed(seed)``, and the strategies broadcast or shard from there.
+Functions take their schema section (``ModelConfig``, ``PeftConfig``); a plain mapping of a section's values (tests,
+tools reading YAML) is merged into it by ``launcher.config.load.section``.
 """
 
 from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, List, Optional
 
 import torch
 
-# Config section key -> transformers config attribute.
+from launcher.config.load import section
+from launcher.config.schema import ModelConfig, PeftConfig
+from launcher.train.data_formats import check_seq_len as _check_positions
+
+# ModelConfig field -> transformers config attribute.
 _CONFIG_KEYS = {
     "vocab_size": "vocab_size",
     "hidden_size": "hidden_size",
@@ -30,23 +36,24 @@ class ModelInputError(ValueError):
     """A model setting that cannot work (names the key and what would)."""
 
 
-def hf_config(model_cfg: Mapping[str, Any], tokenizer: Any = None) -> Any:
+def hf_config(model: ModelConfig, tokenizer: Any = None) -> Any:
     """The transformers config: from ``model.pretrained``'s config.json, else from the numbers in ``model``."""
     from transformers import AutoConfig
 
-    if model_cfg.get("pretrained"):
-        path = _local_dir(model_cfg["pretrained"], "model.pretrained")
+    model = section(model, ModelConfig)
+    if model.pretrained:
+        path = _local_dir(model.pretrained, "model.pretrained")
         return AutoConfig.from_pretrained(str(path), local_files_only=True)
-    kwargs = {hf: model_cfg[ours] for ours, hf in _CONFIG_KEYS.items() if ours in model_cfg}
+    kwargs = {hf: getattr(model, ours) for ours, hf in _CONFIG_KEYS.items()}
     if tokenizer is not None:
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             value = getattr(tokenizer, name, None)
             if value is not None:
                 kwargs[name] = value
     try:
-        return AutoConfig.for_model(model_cfg["arch"], **kwargs)
+        return AutoConfig.for_model(model.arch, **kwargs)
     except (KeyError, ValueError) as e:
-        raise ModelInputError(f"model.arch={model_cfg['arch']!r}: transformers cannot build it ({e})") from e
+        raise ModelInputError(f"model.arch={model.arch!r}: transformers cannot build it ({e})") from e
 
 
 def max_positions(config: Any) -> Optional[int]:
@@ -58,51 +65,36 @@ def max_positions(config: Any) -> Optional[int]:
 
 
 def check_seq_len(seq_len: int, config: Any) -> None:
-    """``train.seq_len`` must fit the model's position range."""
+    """``train.seq_len`` must fit the transformers config's position range (``ConfigError`` otherwise)."""
     limit = max_positions(config)
-    try:
-        from launcher.train.data import check_seq_len as data_check
-    except ImportError:
-        data_check = None
-    if data_check is not None and limit is not None:
-        data_check(seq_len, limit)
-        return
-    if limit is not None and seq_len > limit:
-        raise ModelInputError(
-            f"train.seq_len={seq_len} is above the model's max_position_embeddings={limit}; "
-            f"use train.seq_len<={limit} (or a model with longer positions)"
-        )
+    if limit is not None:
+        _check_positions(seq_len, limit)
 
 
-def build_model(
-    model_cfg: Mapping[str, Any],
-    *,
-    config: Any,
-    seed: int,
-    tokenizer: Any = None,
-) -> Any:
+def build_model(model: ModelConfig, *, config: Any, seed: int, tokenizer: Any = None) -> Any:
     """The causal LM in fp32 on CPU (strategies move, cast and shard it), seeded and deterministic."""
     from transformers import AutoModelForCausalLM
 
+    model = section(model, ModelConfig)
     torch.manual_seed(seed)
-    if model_cfg.get("pretrained"):
-        path = _local_dir(model_cfg["pretrained"], "model.pretrained")
-        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
+    if model.pretrained:
+        path = _local_dir(model.pretrained, "model.pretrained")
+        lm = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
     else:
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     if tokenizer is not None:
-        vocab = model.get_input_embeddings().weight.shape[0]
+        vocab = lm.get_input_embeddings().weight.shape[0]
         if len(tokenizer) > vocab:
-            if not model_cfg.get("pretrained"):
+            if not model.pretrained:
                 raise ModelInputError(
                     f"the tokenizer has {len(tokenizer)} tokens but model.vocab_size={vocab}; "
                     f"set model.vocab_size>={len(tokenizer)}"
                 )
-            model.resize_token_embeddings(len(tokenizer))
-    if model_cfg.get("gradient_checkpointing"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
-    return model
+            lm.resize_token_embeddings(len(tokenizer))
+    if model.gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lm.config.use_cache = False
+    return lm
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -111,28 +103,25 @@ def build_model(
 
 def linear_module_names(model: Any) -> List[str]:
     """Distinct last-name components of the model's linear layers (what LoRA target_modules may name)."""
-    names = set()
-    linear_types = [torch.nn.Linear]
-    try:
-        from transformers.pytorch_utils import Conv1D
+    from transformers.pytorch_utils import Conv1D
 
-        linear_types.append(Conv1D)
-    except ImportError:
-        pass
+    names = set()
     for full_name, module in model.named_modules():
-        if isinstance(module, tuple(linear_types)) and full_name:
+        if isinstance(module, (torch.nn.Linear, Conv1D)) and full_name:
             names.add(full_name.rsplit(".", 1)[-1])
     return sorted(names)
 
 
-def lora_config(peft_cfg: Mapping[str, Any]) -> Any:
+def lora_config(peft: PeftConfig) -> Any:
+    """peft's ``LoraConfig`` for the ``peft`` section."""
     from peft import LoraConfig
 
-    targets = peft_cfg["target_modules"]
+    peft = section(peft, PeftConfig)
+    targets = peft.target_modules
     return LoraConfig(
-        r=int(peft_cfg["r"]),
-        lora_alpha=int(peft_cfg["alpha"]),
-        lora_dropout=float(peft_cfg["dropout"]),
+        r=peft.r,
+        lora_alpha=peft.alpha,
+        lora_dropout=peft.dropout,
         target_modules="all-linear" if list(targets) == ["all-linear"] else list(targets),
         task_type="CAUSAL_LM",
     )
@@ -151,29 +140,23 @@ def check_lora_targets(model: Any, targets: List[str]) -> None:
         )
 
 
-def apply_peft(model: Any, peft_cfg: Mapping[str, Any], *, seed: int, gradient_checkpointing: bool = False) -> Any:
+def apply_peft(model: Any, peft: PeftConfig, *, seed: int, gradient_checkpointing: bool = False) -> Any:
     """Wrap in LoRA adapters when ``peft.name == lora``; otherwise return the model as is."""
-    if peft_cfg.get("name", "none") == "none":
+    peft = section(peft, PeftConfig)
+    if peft.name == "none":
         return model
-    if peft_cfg["name"] != "lora":
-        raise ModelInputError(f"peft.name={peft_cfg['name']!r}: only none and lora are supported")
+    if peft.name != "lora":
+        raise ModelInputError(f"peft.name={peft.name!r}: only none and lora are supported")
     from peft import get_peft_model
 
-    check_lora_targets(model, list(peft_cfg["target_modules"]))
+    check_lora_targets(model, list(peft.target_modules))
     torch.manual_seed(seed + 1)  # the adapters' init, the same on every rank
     with warnings.catch_warnings():  # peft asks transformers a deprecated question; not ours to fix
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        peft_model = get_peft_model(model, lora_config(peft_cfg))
+        peft_model = get_peft_model(model, lora_config(peft))
     if gradient_checkpointing:
         peft_model.enable_input_require_grads()
     return peft_model
-
-
-def describe(model: Any) -> Dict[str, Any]:
-    from launcher.train.metrics import count_parameters
-
-    counts = count_parameters(model)
-    return {"class": type(model).__name__, **counts}
 
 
 def _local_dir(value: str, key: str) -> Path:

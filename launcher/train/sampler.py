@@ -57,10 +57,6 @@ class ResumableSampler:
     def micro_batch_size(self) -> int:
         return self.global_batch_size // self.world_size
 
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.num_samples // self.global_batch_size
-
     def next_indices(self) -> list[int]:
         self._roll_over()  # also after a resume with a larger global batch than the one that saved
         perm = self._permutation()

@@ -9,7 +9,7 @@ Step ``k`` (1-based optimizer step) uses ``lr * factor(k - 1)``:
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Dict
 
 
 class WarmupCosine:
@@ -42,3 +42,32 @@ def build_scheduler(optimizer: Any, train: Any) -> Any:
 
     factor = WarmupCosine(warmup_steps=train.warmup_steps, max_steps=train.max_steps, min_lr_ratio=train.min_lr_ratio)
     return LambdaLR(optimizer, factor)
+
+
+def scheduler_state(scheduler: Any) -> Dict[str, Any]:
+    """The scheduler's JSON-able state, kept in trainer_state.json (its position and its multiplier's settings)."""
+    return _jsonable(scheduler.state_dict())
+
+
+def restore_scheduler(scheduler: Any, saved: Dict[str, Any]) -> None:
+    """Restore the scheduler's position from ``scheduler_state``. Its shape (warmup, max_steps, min_lr_ratio) comes
+    from this run's config, so raising train.max_steps on resume stretches the cosine from the resumed step on."""
+    saved = dict(saved)
+    saved["lr_lambdas"] = [dict(vars(f)) if hasattr(f, "__dict__") else None for f in scheduler.lr_lambdas]
+    scheduler.load_state_dict(saved)
+    step = scheduler.last_epoch
+    for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(step)  # what LambdaLR computes; unchanged when the schedule is unchanged
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "tolist"):  # a tensor
+        return value.tolist()
+    if isinstance(value, (int, float, str, bool)) or value is None:
+        return value
+    return repr(value)

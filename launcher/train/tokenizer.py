@@ -1,6 +1,7 @@
 """The run's tokenizer: a local pretrained one, or a byte-level BPE trained once on the data by rank 0.
 
-Never touches the hub: compute nodes are offline, so a tokenizer is either a local directory or built here.
+Never touches the hub: compute nodes are offline, so a tokenizer is either a local directory or built here. The
+functions take the ``model`` section (``ModelConfig``; a plain mapping of its values is merged into it).
 """
 
 from __future__ import annotations
@@ -11,9 +12,12 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Callable, Iterable
 
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from launcher.config.load import section
+from launcher.config.schema import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +35,15 @@ CHAT_TEMPLATE = (
 )
 
 
-def tokenizer_source(model_cfg: Mapping[str, Any]) -> Path | None:
+def tokenizer_source(model: ModelConfig) -> Path | None:
     """The local directory to load from (model.tokenizer, else model.pretrained), or None to train one."""
-    for key in ("tokenizer", "pretrained"):
-        if model_cfg.get(key):
-            path = Path(model_cfg[key]).expanduser()
+    model = section(model, ModelConfig)
+    for key, value in (("tokenizer", model.tokenizer), ("pretrained", model.pretrained)):
+        if value:
+            path = Path(value).expanduser()
             if not path.is_dir():
                 raise FileNotFoundError(
-                    f"model.{key}={model_cfg[key]!r}: no such directory (compute nodes are offline: "
+                    f"model.{key}={value!r}: no such directory (compute nodes are offline: "
                     "give a local directory holding tokenizer files, staged on the login node)"
                 )
             return path
@@ -46,7 +51,7 @@ def tokenizer_source(model_cfg: Mapping[str, Any]) -> Path | None:
 
 
 def load_or_build_tokenizer(
-    model_cfg: Mapping[str, Any],
+    model: ModelConfig,
     texts_for_training: Callable[[], Iterable[str]],
     save_dir: Path,
     *,
@@ -58,14 +63,15 @@ def load_or_build_tokenizer(
     Every rank calls ``barrier()`` exactly once on the training path and never on the pretrained path (the
     choice depends on the config only, so all ranks take the same branch and cannot deadlock).
     """
-    source = tokenizer_source(model_cfg)
+    model = section(model, ModelConfig)
+    source = tokenizer_source(model)
     if source is not None:
         return _load(source, f"model.tokenizer/model.pretrained directory {source}")
     save_dir = Path(save_dir)
     if is_main and not has_saved_tokenizer(save_dir):
         start = time.perf_counter()
         tokenizer = train_bpe_tokenizer(
-            texts_for_training(), model_cfg["vocab_size"], max_length=model_cfg.get("max_position_embeddings")
+            texts_for_training(), model.vocab_size, max_length=model.max_position_embeddings
         )
         save_atomically(tokenizer, save_dir)
         log.info("trained a %d-token byte-level BPE in %.2f s -> %s", len(tokenizer), time.perf_counter() - start,
@@ -120,11 +126,3 @@ def _load(path: Path, what: str) -> PreTrainedTokenizerFast:
     except (OSError, ValueError) as e:
         raise OSError(f"cannot load a tokenizer from {what}: {e}") from e
 
-
-def check_vocab_size(tokenizer: PreTrainedTokenizerFast, vocab_size: int) -> None:
-    """The embedding table must hold every token id the tokenizer can produce."""
-    if len(tokenizer) > vocab_size:
-        raise ValueError(
-            f"the tokenizer has {len(tokenizer)} tokens but model.vocab_size={vocab_size}; "
-            f"set model.vocab_size >= {len(tokenizer)}"
-        )

@@ -52,7 +52,7 @@ def main() -> None:
     train = SimpleNamespace(grad_accum=accum, lr=1e-3, weight_decay=0.0, grad_clip=1.0, warmup_steps=0,
                             max_steps=10, min_lr_ratio=0.1, schedule="cosine", lr_schedule="cosine")
     strategy_cfg = SimpleNamespace(name="fsdp", precision="fp32", offload_params=False, offload_optimizer=False)
-    strategy = FSDPStrategy(SimpleNamespace(train=train, strategy=strategy_cfg, cluster=None), env)
+    strategy = FSDPStrategy(strategy_cfg, train, env)
     strategy.wrap(model)
     ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(env.rank))
     started, held = time.perf_counter(), 0

@@ -1,35 +1,53 @@
-"""ddp: torch DistributedDataParallel; every rank holds the whole model and optimizer. Checkpoints via DCP."""
+"""ddp: torch DistributedDataParallel; every rank holds the whole model and optimizer. Checkpoints via DCP.
+
+bf16 is ``torch.autocast`` around the model's forward (fp32 weights, gradients and optimizer): the one strategy that
+casts by autocast, so it sits inside the model, and training and evaluation forwards both get it.
+"""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, Optional
+import functools
+from typing import Any, Callable, Dict, Optional
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from launcher.train.strategies import dcp
-from launcher.train.strategies.base import move_batch
+from launcher.train.strategies.base import build_optimizer_and_scheduler
+
+checkpoint_problem = dcp.checkpoint_problem  # the registry's per-engine check: DCP files
+
+
+def autocast_forward(forward: Callable[..., Any], device_type: str) -> Callable[..., Any]:
+    """``forward`` run under bf16 autocast (a fresh context per call)."""
+
+    @functools.wraps(forward)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            return forward(*args, **kwargs)
+
+    return run
 
 
 class DDPStrategy(dcp.TorchNativeStrategy):
-    name = "ddp"
+    """Replicated model; gradients all-reduced once per step (``no_sync`` on the other micro-batches)."""
 
     def wrap(self, model: torch.nn.Module) -> None:
         model.to(self.env.device)
+        if self.precision == "bf16":
+            model.forward = autocast_forward(model.forward, self.env.device.type)  # type: ignore[method-assign]
         self.module = model
         # Gradients are views into DDP's all-reduce buckets: no second fp32 copy of every gradient (4 B/param).
         kwargs: Dict[str, Any] = {"gradient_as_bucket_view": True}
         if self.env.device.type == "cuda":
             kwargs["device_ids"] = [self.env.device.index]
         self.model = DistributedDataParallel(model, **kwargs)
-        self._build_optimizer_and_scheduler(self.model)
+        self.optimizer, self.scheduler = build_optimizer_and_scheduler(self.model, self.train)
 
     def forward_backward(self, batch: Dict[str, torch.Tensor], *, last: bool) -> torch.Tensor:
-        sync = self.model.no_sync() if not last else contextlib.nullcontext()
-        with sync:
-            with self.autocast():
-                loss = self.model(**move_batch(batch, self.env.device)).loss
+        with contextlib.nullcontext() if last else self.model.no_sync():
+            loss = self.model(**batch).loss
             (loss / self.grad_accum).backward()
         return loss.detach()
 
@@ -37,4 +55,3 @@ class DDPStrategy(dcp.TorchNativeStrategy):
         if not self.env.is_main:
             return None
         return {k: v.detach().to("cpu", copy=True) for k, v in self.module.state_dict().items()}
-

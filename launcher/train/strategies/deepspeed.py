@@ -19,30 +19,36 @@ import logging
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from launcher.train.strategies.base import Strategy, StrategyUnavailable, build_optimizer, move_batch, package_version
 from launcher.config.strategies import strategy_spec
+from launcher.train.distributed import DistEnv
 from launcher.train.schedule import build_scheduler
+from launcher.train.strategies.base import (
+    ADAM_BETAS, ADAM_EPS, Strategy, StrategyUnavailable, build_optimizer, package_version, param_groups,
+)
+
+if TYPE_CHECKING:
+    from launcher.config.schema import StrategyConfig, TrainConfig
 
 TAG = "deepspeed"
 # LoRA + zero3 + non-reentrant gradient checkpointing fails before 0.19.3 (transformers #47254, deepspeed PR #8148);
-# pyproject's train extra has the same floor (tests/test_train_units.py checks that they agree).
+# pyproject's train extra has the same floor (tests/test_gpu_path.py checks that they agree).
 MIN_VERSION = (0, 19, 3)
 
 
-def deepspeed_config(cfg: Any, *, world_size: int, precision: str, device_type: str) -> Dict[str, Any]:
-    """The DeepSpeed JSON config for our config (pure; unit-tested)."""
-    stage = strategy_spec(cfg.strategy.name).zero_stage
-    train = cfg.train
+def deepspeed_config(strategy: "StrategyConfig", train: "TrainConfig", *, world_size: int, precision: str,
+                     device_type: str) -> Dict[str, Any]:
+    """The DeepSpeed JSON config for our strategy and train sections (pure; unit-tested)."""
+    stage = strategy_spec(strategy.name).zero_stage
     zero: Dict[str, Any] = {"stage": stage, "contiguous_gradients": True, "overlap_comm": device_type == "cuda"}
-    if cfg.strategy.offload_optimizer:
+    if strategy.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device_type == "cuda"}
-    if cfg.strategy.offload_params:
+    if strategy.offload_params:
         if stage != 3:
-            raise ValueError(f"strategy.offload_params=true needs zero3 (got {cfg.strategy.name})")
+            raise ValueError(f"strategy.offload_params=true needs zero3 (got {strategy.name})")
         zero["offload_param"] = {"device": "cpu", "pin_memory": device_type == "cuda"}
     if stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
@@ -81,42 +87,53 @@ def _version_text(version: Tuple[int, ...]) -> str:
     return ".".join(map(str, version))
 
 
+def check_available() -> None:
+    """Raise StrategyUnavailable unless deepspeed >= MIN_VERSION is installed and imports (the registry calls it)."""
+    version = package_version("deepspeed")
+    if version is None:
+        raise StrategyUnavailable(
+            f"strategy=zero1/zero2/zero3 needs deepspeed, which is not installed: pip install "
+            f"'deepspeed>={_version_text(MIN_VERSION)}' "
+            "(or use strategy=fsdp, which shards like ZeRO-3 with PyTorch alone)"
+        )
+    if parse_version(version) < MIN_VERSION:
+        raise StrategyUnavailable(
+            f"strategy=zero* needs deepspeed>={_version_text(MIN_VERSION)}, found {version} (LoRA + zero3 + "
+            "gradient checkpointing fails before 0.19.3)"
+        )
+    try:
+        import deepspeed  # noqa: F401
+    except Exception as e:  # a broken install (e.g. no compiler for its accelerator probe)
+        raise StrategyUnavailable(f"deepspeed {version} is installed but cannot be imported: {e}") from e
+
+
+def checkpoint_problem(directory: Path) -> Optional[str]:
+    """Why ``directory`` holds no loadable DeepSpeed checkpoint (cheap file checks), or None."""
+    path = Path(directory) / TAG
+    if not path.is_dir():
+        return f"{path} is missing"
+    if not list(path.glob("*model_states.pt")):
+        return f"{path} holds no model states"
+    if not list(path.glob("*optim_states.pt")):
+        return f"{path} holds no optimizer states"
+    return None
+
+
 class DeepSpeedStrategy(Strategy):
-    name = "zero"
+    """The DeepSpeed engine at the spec's ZeRO stage; it casts (bf16) and steps the scheduler itself."""
 
-    @classmethod
-    def check_available(cls) -> None:
-        version = package_version("deepspeed")
-        if version is None:
-            raise StrategyUnavailable(
-                f"strategy=zero1/zero2/zero3 needs deepspeed, which is not installed: pip install "
-                f"'deepspeed>={_version_text(MIN_VERSION)}' "
-                "(or use strategy=fsdp, which shards like ZeRO-3 with PyTorch alone)"
-            )
-        if parse_version(version) < MIN_VERSION:
-            raise StrategyUnavailable(
-                f"strategy=zero* needs deepspeed>={_version_text(MIN_VERSION)}, found {version} (LoRA + zero3 + "
-                "gradient checkpointing fails before 0.19.3)"
-            )
-        try:
-            import deepspeed  # noqa: F401
-        except Exception as e:  # a broken install (e.g. no compiler for its accelerator probe)
-            raise StrategyUnavailable(f"deepspeed {version} is installed but cannot be imported: {e}") from e
-
-    def __init__(self, cfg: Any, env: Any) -> None:
-        super().__init__(cfg, env)
-        self.stage = strategy_spec(cfg.strategy.name).zero_stage
-        self.name = cfg.strategy.name
+    def __init__(self, strategy_cfg: "StrategyConfig", train: "TrainConfig", env: DistEnv) -> None:
+        super().__init__(strategy_cfg, train, env)
+        self._norm = torch.zeros((), dtype=torch.float32, device=env.device)  # the grad norm, reused every step
         _quiet_deepspeed()
 
     def wrap(self, model: torch.nn.Module) -> None:
         import deepspeed
 
-        ds_config = deepspeed_config(
-            self.cfg, world_size=self.env.world_size, precision=self.precision, device_type=self.env.device.type
-        )
+        ds_config = deepspeed_config(self.strategy_cfg, self.train, world_size=self.env.world_size,
+                                     precision=self.precision, device_type=self.env.device.type)
         optimizer = self._client_optimizer(model)
-        scheduler = build_scheduler(optimizer, self.train_cfg)
+        scheduler = build_scheduler(optimizer, self.train)
         engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
         )
@@ -124,25 +141,17 @@ class DeepSpeedStrategy(Strategy):
         self.module = engine.module
         self.optimizer = ds_optimizer
         self.scheduler = ds_scheduler if ds_scheduler is not None else scheduler
-        self.ds_config = ds_config
 
     def _client_optimizer(self, model: torch.nn.Module) -> Any:
-        if self.cfg.strategy.offload_optimizer and self.env.device.type == "cuda":
+        if self.strategy_cfg.offload_optimizer and self.env.device.type == "cuda":
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-            decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-            no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-            groups = [{"params": decay, "weight_decay": float(self.train_cfg.weight_decay)}]
-            if no_decay:
-                groups.append({"params": no_decay, "weight_decay": 0.0})
-            return DeepSpeedCPUAdam(groups, lr=float(self.train_cfg.lr), betas=(0.9, 0.95), eps=1e-8, adamw_mode=True)
-        return build_optimizer(model, self.train_cfg)
-
-    def autocast(self) -> Any:
-        return contextlib.nullcontext()  # the engine casts the module itself
+            groups = param_groups(model, self.train.weight_decay)
+            return DeepSpeedCPUAdam(groups, lr=float(self.train.lr), betas=ADAM_BETAS, eps=ADAM_EPS, adamw_mode=True)
+        return build_optimizer(model, self.train)
 
     def forward_backward(self, batch: Dict[str, torch.Tensor], *, last: bool) -> torch.Tensor:
-        loss = self.model(**move_batch(batch, self.env.device)).loss
+        loss = self.model(**batch).loss
         self.model.backward(loss)  # scales by 1 / gradient_accumulation_steps
         if not last:
             self.model.step()  # not a boundary: the engine only counts the micro-step
@@ -151,12 +160,21 @@ class DeepSpeedStrategy(Strategy):
     def step(self) -> torch.Tensor:
         self.model.step()
         norm = self.model.get_global_grad_norm()
-        if norm is None:
-            return torch.tensor(float("nan"))
-        return norm.detach().float() if isinstance(norm, torch.Tensor) else torch.tensor(float(norm))
+        if isinstance(norm, torch.Tensor):
+            self._norm.copy_(norm.detach(), non_blocking=True)
+        else:
+            self._norm.fill_(float("nan") if norm is None else float(norm))
+        return self._norm
 
     def save(self, directory: Path) -> None:
-        self.model.save_checkpoint(str(directory), tag=TAG, client_state={}, save_latest=False)
+        from launcher.train.checkpoint import fsync_file
+
+        with _recording_saves(self.model.checkpoint_engine) as written:
+            self.model.save_checkpoint(str(directory), tag=TAG, client_state={}, save_latest=False)
+        if self.env.is_main:  # rank 0 also copied DeepSpeed's recovery scripts (zero_to_fp32.py) into the directory
+            written += [str(p) for p in Path(directory).glob("*.py")]
+        for path in written:  # this rank's files only: nobody fsyncs them again
+            fsync_file(Path(path))
 
     def load(self, directory: Path) -> None:
         path, _ = self.model.load_checkpoint(
@@ -165,28 +183,35 @@ class DeepSpeedStrategy(Strategy):
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}/{TAG}")
 
-    def checkpoint_problem(self, directory: Path) -> Optional[str]:
-        path = Path(directory) / TAG
-        if not path.is_dir():
-            return f"{path} is missing"
-        if not list(path.glob("*model_states.pt")):
-            return f"{path} holds no model states"
-        if not list(path.glob("*optim_states.pt")):
-            return f"{path} holds no optimizer states"
-        return None
-
     def full_state_dict(self) -> Optional[Dict[str, torch.Tensor]]:
-        if self.stage == 3:
+        if self.spec.zero_stage == 3:
             state = self.model._zero3_consolidated_16bit_state_dict()
             return dict(state) if self.env.is_main else None
         if not self.env.is_main:
             return None
         return {k: v.detach().to("cpu", copy=True) for k, v in self.module.state_dict().items()}
 
-    def state_for_checkpoint(self) -> Dict[str, Any]:
-        state = super().state_for_checkpoint()
-        state["deepspeed_config"] = self.ds_config
-        return state
+
+@contextlib.contextmanager
+def _recording_saves(checkpoint_engine: Any) -> Iterator[List[str]]:
+    """While open, ``checkpoint_engine.save`` notes each path it writes: the files of this rank."""
+    written: List[str] = []
+    save: Callable[..., Any] = checkpoint_engine.save
+    overridden = "save" in vars(checkpoint_engine)
+
+    def recording_save(state_dict: Any, path: str) -> Any:
+        result = save(state_dict, path)
+        written.append(str(path))
+        return result
+
+    checkpoint_engine.save = recording_save
+    try:
+        yield written
+    finally:
+        if overridden:
+            checkpoint_engine.save = save
+        else:
+            del checkpoint_engine.save  # the class's method again
 
 
 def _quiet_deepspeed() -> None:
@@ -194,9 +219,6 @@ def _quiet_deepspeed() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"deepspeed(\.|$)")
     warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.distributed\..*")
     warnings.filterwarnings("ignore", category=UserWarning, message=r".*_all_gather_base.*|.*_reduce_scatter_base.*")
-    try:
-        from deepspeed.utils import logger
+    from deepspeed.utils import logger
 
-        logger.setLevel(logging.WARNING)
-    except Exception:
-        pass
+    logger.setLevel(logging.WARNING)

@@ -20,20 +20,12 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional
 
 import torch
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
 from launcher.train.strategies import dcp
-from launcher.train.strategies.base import StrategyUnavailable, move_batch, torch_version_tuple
+from launcher.train.strategies.base import build_optimizer_and_scheduler
 
-
-def _fsdp2() -> Any:
-    try:
-        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
-    except ImportError:
-        try:  # torch 2.4 / 2.5 kept it under _composable
-            from torch.distributed._composable.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
-        except ImportError:
-            return None
-    return fully_shard, MixedPrecisionPolicy, CPUOffloadPolicy
+checkpoint_problem = dcp.checkpoint_problem  # the registry's per-engine check: DCP files
 
 
 def decoder_layers(model: torch.nn.Module) -> List[torch.nn.Module]:
@@ -57,27 +49,16 @@ def needs_cpu_collectives(strategy_cfg: Any, device_type: str) -> bool:
 
 
 class FSDPStrategy(dcp.TorchNativeStrategy):
-    name = "fsdp"
-
-    @classmethod
-    def check_available(cls) -> None:
-        if _fsdp2() is None:
-            raise StrategyUnavailable(
-                f"strategy=fsdp needs FSDP2 (torch.distributed.fsdp.fully_shard, torch>=2.6); this is torch "
-                f"{torch.__version__}: upgrade torch or use strategy=zero3"
-            )
-        if torch_version_tuple() < (2, 4):
-            raise StrategyUnavailable(f"strategy=fsdp needs torch>=2.4, found {torch.__version__}")
+    """One ``fully_shard`` per decoder layer and one on the root; the mixed-precision policy casts."""
 
     def wrap(self, model: torch.nn.Module) -> None:
         from torch.distributed.device_mesh import init_device_mesh
 
-        fully_shard, MixedPrecisionPolicy, CPUOffloadPolicy = _fsdp2()
         mesh = init_device_mesh(self.env.device.type, (self.env.world_size,))
         kwargs: Dict[str, Any] = {"mesh": mesh}
         if self.precision == "bf16":
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        if needs_cpu_collectives(self.cfg.strategy, self.env.device.type):
+        if needs_cpu_collectives(self.strategy_cfg, self.env.device.type):
             kwargs["offload_policy"] = CPUOffloadPolicy()
         # No model.to(device): fully_shard moves each layer's states to the mesh device as it shards them, so the
         # whole unsharded model never sits on one GPU.
@@ -86,15 +67,10 @@ class FSDPStrategy(dcp.TorchNativeStrategy):
         fully_shard(model, **kwargs)
         self.model = model
         self.module = model
-        self._build_optimizer_and_scheduler(model)
-
-    def autocast(self) -> Any:
-        import contextlib
-
-        return contextlib.nullcontext()  # the mixed-precision policy casts
+        self.optimizer, self.scheduler = build_optimizer_and_scheduler(model, self.train)
 
     def forward_backward(self, batch: Dict[str, torch.Tensor], *, last: bool) -> torch.Tensor:
-        loss = self.model(**move_batch(batch, self.env.device)).loss
+        loss = self.model(**batch).loss
         (loss / self.grad_accum).backward()
         return loss.detach().float()
 
