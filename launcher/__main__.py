@@ -39,11 +39,11 @@ def _hydra_task(cfg: DictConfig) -> Dict[str, Any]:
     try:
         result = _run_point(cfg)
     except Exception as error:  # noqa: BLE001 - Hydra would print its own traceback otherwise
-        line = describe(error)
-        if line is None:
-            line = internal_error_line(error, write_traceback(error, sys.argv[1:]))
-        print(line, file=sys.stderr)
-        sys.exit(EXIT_USER if describe(error) else EXIT_INTERNAL)
+        line = describe(error, sys.argv[1:])
+        print(line or internal_error_line(error, write_traceback(error, sys.argv[1:])), file=sys.stderr)
+        if line and getattr(error, "details", ""):
+            print(error.details, file=sys.stderr)  # type: ignore[attr-defined]
+        sys.exit(EXIT_USER if line else EXIT_INTERNAL)
     if result.code:
         sys.exit(result.code)
     return result.__dict__

@@ -41,7 +41,8 @@ VALUE_MAX_CHARS = 200
 
 # Terminal control: ESC sequences (CSI, OSC/DCS/APC/PM/SOS strings up to their terminator, two-byte escapes), then any
 # other C0 control, DEL and C1 control (U+0080..U+009F, which some terminals also obey).
-_ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]?|\x1b[\]PX^_][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[ -~]?|\x9b[0-?]*[ -/]*[@-~]?")
+_ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]?|\x1b[\]PX^_][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[ -~]?"
+                     r"|\x9b[0-?]*[ -/]*[@-~]?")
 # Bidirectional overrides and isolates go too: they make a name read as another ("Trojan Source").
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 _CONTROL_ALL = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
@@ -132,10 +133,8 @@ def _first_line(error: BaseException) -> str:
 
 
 def _config_error_line(error: ConfigError) -> str:
-    base = f"{error.field}={error.value!r} is not allowed: {error.allowed}"
-    message = str(error)
-    hint = message[len(base) + 2:-1] if message.startswith(base + " (") else ""
-    return error_line(error.field, error.value, hint or "not allowed", f"allowed: {error.allowed}")
+    """``<field>=<value>: <hint, else "not allowed">; allowed: <allowed>``."""
+    return error_line(error.field, error.value, error.hint or "not allowed", f"allowed: {error.allowed}")
 
 
 _OMEGACONF_ALLOWED = (
@@ -245,6 +244,9 @@ def run_cli(main_fn: Callable[[List[str]], Optional[int]], argv: Optional[Sequen
         line = describe(error, args)
         if line is not None:
             print(line, file=err)
+            details = getattr(error, "details", "")
+            if details:
+                print(clean(details, keep_newlines=True), file=err)
             return EXIT_USER
         path = write_traceback(error, args)
         print(internal_error_line(error, path), file=err)

@@ -6,8 +6,9 @@ from __future__ import annotations
 class ConfigError(ValueError):
     """A config value that cannot run: names the field, the value and what is allowed."""
 
-    def __init__(self, field: str, value: object, allowed: str, hint: str = "") -> None:
-        self.field, self.value, self.allowed = field, value, allowed
+    def __init__(self, field: str, value: object, allowed: str, hint: str = "", *, details: str = "") -> None:
+        # ``details``: lines printed after the one error line (e.g. the memory table of a refused strategy).
+        self.field, self.value, self.allowed, self.hint, self.details = field, value, allowed, hint, details
         message = f"{field}={value!r} is not allowed: {allowed}"
         if hint:
             message += f" ({hint})"

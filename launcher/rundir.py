@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional
 
@@ -95,6 +96,14 @@ def task_log(run: Path, job_id: str, task: int = 0, ext: str = "out") -> Path:
     return Path(run) / SLURM_DIR / f"{job_id}_{task}_log.{ext}"
 
 
+def is_regular_file(path: Path) -> bool:
+    """A plain file (never a FIFO, device or directory: opening those could block or mislead a reader)."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 def is_run_dir(path: Path) -> bool:
     return any((Path(path) / marker).exists() for marker in RUN_MARKERS)
 
@@ -132,13 +141,15 @@ def parse_metrics_line(line: str | bytes) -> Optional[Dict[str, Any]]:
         return None
     try:
         record = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return record if isinstance(record, dict) else None
 
 
 def iter_metrics(path: Path) -> Iterator[Dict[str, Any]]:
     """Every readable record of a metrics file, in order; nothing when the file is absent."""
+    if not is_regular_file(path):
+        return
     try:
         handle = open(path, encoding="utf-8", errors="replace")
     except OSError:
@@ -156,6 +167,8 @@ def read_metrics(path: Path) -> List[Dict[str, Any]]:
 
 def read_metrics_tail(path: Path, block: int = 64 * 1024) -> Dict[str, Any]:
     """The last train record (with "loss") and last eval_loss of metrics.jsonl, reading only the file's tail."""
+    if not is_regular_file(path):
+        return {}
     try:
         handle = open(path, "rb")
     except OSError:
@@ -199,6 +212,8 @@ def read_config_yaml(run: Path) -> Optional[Dict[str, Any]]:
     """config.yaml as a plain dict (PyYAML, no schema); None when absent, half-written or not a mapping."""
     import yaml  # PyYAML, a dependency of omegaconf
 
+    if not is_regular_file(Path(run) / CONFIG_FILE):
+        return None
     try:
         data = yaml.load((Path(run) / CONFIG_FILE).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except Exception:  # noqa: BLE001 - absent, unreadable or not YAML: callers show the run as unreadable

@@ -119,7 +119,8 @@ CASES = [
     st("metrics-directory", {"metrics.jsonl": DIR}, ("metrics.jsonl", "a directory")),
     st("metrics-empty", {"metrics.jsonl": ""}, ("bad",)),
     st("metrics-array-lines", {"metrics.jsonl": "[1, 2]\n7\n"}, ("2 line(s) that are not JSON objects",)),
-    st("metrics-deep-nesting", {"metrics.jsonl": METRICS + "[" * 100000 + "\n"}, ("metrics.jsonl", "no readable record")),
+    st("metrics-deep-nesting", {"metrics.jsonl": METRICS + "[" * 100000 + "\n"},
+       ("metrics.jsonl", "no readable record")),
     st("config-binary", {"config.yaml": bytes(range(128, 256))}, ("config.yaml", "not UTF-8")),
     st("config-not-yaml", {"config.yaml": "train: [max_steps: 1\n"}, ("config.yaml", "ParserError")),
     st("config-a-list", {"config.yaml": "- 1\n- 2\n"}, ("config.yaml", "not a mapping")),
@@ -129,7 +130,8 @@ CASES = [
     st("config-fifo", {"config.yaml": FIFO}, ("config.yaml", "a FIFO")),
     st("config-too-large", {"config.yaml": "x: " + "a" * (5 << 20) + "\n"}, ("config.yaml", "bytes, more than")),
     st("config-deep-nesting", {"config.yaml": "[" * 100000}, ("config.yaml",)),
-    st("config-ansi-cluster", {"config.yaml": 'cluster:\n  name: "\\e[31mred\\e]0;title\\a"\n'}, ("red",), kind="refused"),
+    st("config-ansi-cluster", {"config.yaml": 'cluster:\n  name: "\\e[31mred\\e]0;title\\a"\n'}, ("red",),
+       kind="refused"),
     st("name-ansi", {}, ("red",), name="\x1b[31mred\x1b[0m", kind="refused"),
     st("name-command", {}, ("pwned",), name="$(touch pwned);`touch pwned`", kind="refused"),
     st("name-newline-bidi", {}, ("ab",), name="a\nb\u202e", kind="refused"),
@@ -202,7 +204,8 @@ CASES = [
     sc("point-log-fifo", {"metrics.jsonl": "", "slurm/7_submitted.pkl": b"", "slurm/7_0_log.out": FIFO},
        ("**failed** (bad)",)),
     sc("point-attempts-fifo", {"logs/attempts.log": FIFO}, ("bad",)),
-    sc("point-log-ansi", {"metrics.jsonl": "", "slurm/7_0_log.out": "\x1b[31mRuntimeError: CUDA out of memory\x1b[0m\n"},
+    sc("point-log-ansi", {"metrics.jsonl": "",
+                          "slurm/7_0_log.out": "\x1b[31mRuntimeError: CUDA out of memory\x1b[0m\n"},
        ("out of memory: RuntimeError: CUDA out of memory",), kind="refused"),
     sc("point-name-ansi-command", {}, ("2 of 2 points measured",), name="\x1b[31m$(touch pwned)", kind="refused"),
     Case("report-over-symlink-and-fifo", "scaling", REPORT, {**SWEEP, "runs/scaling/scaling.md": Link("{tmp}/victim"),
@@ -218,10 +221,12 @@ CASES = [
     cb("interpolation-env", (*BUILD[:2], "cluster.account=${oc.env:NOPE_X}"), ("cluster.account=${oc.env:NOPE_X}",)),
     cb("interpolation-missing", (*BUILD[:2], "cluster.account=${nope}"), ("cluster.account=${nope}",)),
     cb("account-pattern", (*BUILD[:2], "cluster.account='x;>{tmp}/pwned'"), ("cluster.account=x;>",), kind="refused"),
-    cb("account-semicolon-quoted", (*BUILD[:2], ANY_ACCOUNT, "cluster.account='x;>{tmp}/pwned'", "output={tmp}/o/l.sif"),
+    cb("account-semicolon-quoted", (*BUILD[:2], ANY_ACCOUNT, "cluster.account='x;>{tmp}/pwned'",
+                                    "output={tmp}/o/l.sif"),
        ('SINGULARITY_TMPDIR="/scratch/x;>',), rc=0, kind="refused", shell=True),
     cb("account-command-quoted", (*BUILD[:2], ANY_ACCOUNT, "cluster.account='$(touch {tmp}/pwned)'",
-                                  "output={tmp}/o/l.sif"), ("\"/scratch/\"'$(touch",), rc=0, kind="refused", shell=True),
+                                  "output={tmp}/o/l.sif"), ("\"/scratch/\"'$(touch",), rc=0, kind="refused",
+       shell=True),
     cb("account-backticks-srun", ("build", "+cluster=leonardo", ANY_ACCOUNT, "cluster.account='x`>{tmp}/pwned`'",
                                   "output={tmp}/o/l.sif"), ("srun -A 'x`>",), rc=0, kind="refused", shell=True),
     cb("output-command", (*BUILD, "output={tmp}/o/$(>{tmp}/pwned).sif"), ("'{tmp}/o/$(>",), rc=0, kind="refused",
@@ -348,3 +353,41 @@ def test_the_table() -> None:
     assert len(CASES) >= 60 and len({c.id for c in CASES}) == len(CASES)
     assert {cli for cli, _ in counts} == {"status", "scaling", "container"}
     assert {kind for _, kind in counts} == {"error", "safe", "refused"}
+
+
+# -- the shared error path (launcher.cli_errors) ----------------------------------------------------------------------
+
+
+def test_one_line_for_user_errors_and_a_file_for_bugs(tmp_path, monkeypatch, capsys) -> None:
+    import tempfile
+
+    from launcher.cli_errors import EXIT_INTERNAL, EXIT_USER, error_line, run_cli
+    from launcher.errors import ConfigError, UserError
+
+    assert error_line("RUN_DIR", "/x\x1b[2J", "not a run directory", "a directory with config.yaml") == (
+        "launcher: error: RUN_DIR='/x\\x1b[2J': not a run directory; a directory with config.yaml")
+
+    def raises(error):
+        def main(argv):
+            raise error
+        return main
+
+    assert run_cli(raises(UserError("--job", "../x", "not a job id", "digits"))) == EXIT_USER
+    assert run_cli(raises(ConfigError("train.lr", float("nan"), "a finite number > 0", "got NaN")), []) == EXIT_USER
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["launcher: error: --job=../x: not a job id; digits",
+                   "launcher: error: train.lr=nan: got NaN; allowed: a finite number > 0"]
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert run_cli(raises(KeyError("boom")), ["a"]) == EXIT_INTERNAL
+    (line,) = capsys.readouterr().err.splitlines()
+    (log,) = tmp_path.glob("launcher-internal-error-*.log")
+    assert line.startswith("launcher: internal error") and str(log) in line and "Traceback" not in line
+    assert "KeyError: 'boom'" in log.read_text() and "argv: ['a']" in log.read_text()
+
+
+def test_cli_errors_stays_light() -> None:
+    code = ("import sys, launcher.cli_errors; heavy = {'hydra', 'omegaconf', 'torch', 'yaml'} & set(sys.modules); "
+            "print(sorted(heavy))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.stdout.strip() == "[]", done.stderr

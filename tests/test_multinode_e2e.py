@@ -65,8 +65,10 @@ TINY = ["+cluster=local_slurm", f"cluster.partition={PARTITION}", "train.eval_ev
 TWO_NODES = ["nodes=2", "cluster.tasks_per_node=1"]
 ONE_NODE = ["nodes=1", "cluster.tasks_per_node=2"]
 # The uninterrupted 2-node run is also the reference of the time-limit run (the schedule depends on max_steps).
-RUN = [*TINY, "train.max_steps=80", "train.save_every=20"]
-# 80 steps of at least 1 s after ~15 s of start-up: longer than the 30-60 s the time-limit warning takes to come.
+STEPS = 60
+RUN = [*TINY, f"train.max_steps={STEPS}", "train.save_every=20"]
+# With --time=2 and a 60 s lead the warning comes 30-60 s into the job (Slurm checks every 30 s, and early rather
+# than late): 60 steps of at least 1 s after 11+ s of start-up always outlast it, so attempt 1 is always interrupted.
 TIME_LIMITED = ["cluster.time=00:02:00", "cluster.signal_lead_s=60", "train.debug_step_sleep_s=1.0"]
 SWEEP = [*TINY, "training=benchmark", "cluster.tasks_per_node=1", "train.max_steps=12"]
 
@@ -131,10 +133,10 @@ def finished(jobs, work) -> Dict[str, Path]:
 
 def test_two_nodes_one_task_each_match_one_node_two_tasks(finished):
     two, one = losses(finished["two-node"]), losses(finished["one-node"])
-    assert sorted(two) == sorted(one) == list(range(1, 81))
+    assert sorted(two) == sorted(one) == list(range(1, STEPS + 1))
     for step in two:
         assert two[step] == pytest.approx(one[step], rel=1e-6, abs=0), step
-    assert two[80] < two[1] - 1.0  # it trained
+    assert two[STEPS] < two[1] - 1.0  # it trained
 
 
 def test_two_node_job_has_a_rank_on_each_host_and_rendezvous_on_the_first(finished, jobs):

@@ -40,6 +40,6 @@ def test_a_bad_point_stops_the_sweep_before_anything_is_written(tmp_path):
     done = run_launcher(["-m", "+cluster=lumi", LUMI_ACCOUNT, "cluster.partition=small-g", "nodes=1,2,5",
                          "dry_run=true"], cwd=tmp_path)
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert done.stderr.startswith("launcher: error: nodes=5: sweep point #2 of 3")
+    assert done.stderr.startswith("launcher: error: nodes=5: sweep point #2 of 3")  # one line, the point named
     assert "1..4 on cluster.partition=small-g" in done.stderr
     assert list(tmp_path.iterdir()) == []  # not even the first two points' scripts

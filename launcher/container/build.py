@@ -152,7 +152,8 @@ def build_command(cluster_name: str, container: Optional[ContainerConfig], *, re
                              BUILD_ARG_ALLOWED)
     runtime = container.runtime if container is not None else "singularity"
     if runtime not in RUNTIMES:
-        raise BuildError("cluster.container.runtime", runtime, "not a container runtime", f"one of: {', '.join(RUNTIMES)}")
+        raise BuildError("cluster.container.runtime", runtime, "not a container runtime",
+                         f"one of: {', '.join(RUNTIMES)}")
     args = [runtime, "build", *profile.flags, "--build-arg", f"PROJECT_DIR={project}"]
     for key, value in extra.items():
         if key != "PROJECT_DIR":
@@ -207,7 +208,8 @@ def _compose_cluster(overrides: Sequence[str]) -> ClusterConfig:
 
     cluster = to_typed(compose(list(overrides))).cluster
     if cluster is None:
-        raise BuildError("+cluster", None, "build needs a cluster", f"+cluster=NAME, one of: {', '.join(sorted(BUILD_PROFILES))}")
+        raise BuildError("+cluster", None, "build needs a cluster",
+                         f"+cluster=NAME, one of: {', '.join(sorted(BUILD_PROFILES))}")
     return cluster
 
 

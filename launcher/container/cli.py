@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import List, Optional, Sequence
 
 from launcher.cli_errors import ArgumentParser, run_cli

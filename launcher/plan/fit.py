@@ -55,9 +55,9 @@ def check_fits(cfg: LauncherConfig, world_size: int) -> None:
     if not chosen.fits:
         raise ConfigError(
             "strategy", chosen.strategy,
-            f"a strategy whose estimate fits {device.name} "
-            f"({chosen.estimate.total_gib:.1f} GiB needed per device)\n{format_strategy_table(fits, device)}\n",
+            f"a strategy whose estimate fits {device.name} ({chosen.estimate.total_gib:.1f} GiB needed per device)",
             "set ignore_memory_estimate=true to submit anyway",
+            details=format_strategy_table(fits, device),
         )
 
 

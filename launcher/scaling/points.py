@@ -8,8 +8,8 @@ A point is **failed** when a file it needs cannot be read (the reason names the 
 training line, when it did not complete (its largest logged step is below ``train.max_steps`` and there is no
 ``export/``), or when no step was logged after the warm-up. ``read_point`` never raises on a bad file.
 
-The config is read as the job reads it: the YAML mapping (a regular file only) merged into the schema (``config.load.from_plain``),
-so a value of the wrong type or an unknown key makes the point unreadable, not the report.
+The config is read as the job reads it: the YAML mapping (a regular file only) merged into the schema
+(``config.load.from_plain``), so a value of the wrong type or an unknown key makes the point unreadable, not the report.
 
 Login-node code: stdlib, PyYAML, omegaconf (the schema) and ``launcher.plan``.
 """

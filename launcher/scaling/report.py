@@ -101,7 +101,8 @@ def write_report(sweep_dir: Path | str, out_dir: Path | str | None = None, mode:
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         why = "does not exist" if not os.path.lexists(sweep_dir) else "not a directory"
-        raise UserError("SWEEP_DIR", str(sweep_dir), why, "a sweep's output directory (e.g. runs/) or one run directory")
+        raise UserError("SWEEP_DIR", str(sweep_dir), why,
+                        "a sweep's output directory (e.g. runs/) or one run directory")
     out = _out_dir(sweep_dir, out_dir)
     points = collect_points(sweep_dir, warmup_steps)
     resolved = infer_mode(points) if mode == "auto" else mode

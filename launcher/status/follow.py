@@ -20,9 +20,10 @@ _CHUNK = 1 << 16
 
 
 def attempt_offset(path: Path, block: int = 1 << 20) -> int:
-    """Byte offset of the last attempt's first line ("launcher: job J attempt N on ...") in a log; 0 if none."""
+    """Byte offset of the last attempt's first line ("launcher: job J attempt N on ...") in a log; 0 if none (or
+    not a regular file)."""
     try:
-        handle = open(path, "rb")
+        handle = open_regular(path)
     except OSError:
         return 0
     with handle:

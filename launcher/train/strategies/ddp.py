@@ -39,7 +39,9 @@ class DDPStrategy(dcp.TorchNativeStrategy):
             model.forward = autocast_forward(model.forward, self.env.device.type)  # type: ignore[method-assign]
         self.module = model
         # Gradients are views into DDP's all-reduce buckets: no second fp32 copy of every gradient (4 B/param).
-        kwargs: Dict[str, Any] = {"gradient_as_bucket_view": True}
+        # No buffer broadcast before every forward: a causal LM's buffers (rotary tables) are constants, the same on
+        # every rank from the start (DDP broadcasts them once when it wraps the model).
+        kwargs: Dict[str, Any] = {"gradient_as_bucket_view": True, "broadcast_buffers": False}
         if self.env.device.type == "cuda":
             kwargs["device_ids"] = [self.env.device.index]
         self.model = DistributedDataParallel(model, **kwargs)
