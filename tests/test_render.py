@@ -184,7 +184,7 @@ def test_lumi_miopen_cache_is_removed_at_the_end_only_if_the_job_created_it(tmp_
     cache = Path(f"/tmp/t-miopen-cache-{job}")
     if existed:
         cache.mkdir()  # someone else's directory of the same name: left alone
-    setup = read_template("lumi_setup.sh")
+    setup = read_template("lumi_setup.sh", hf_home=tmp_path / "hf")
     teardown = [line for line in teardown_lines(config(["+cluster=lumi", LUMI_ACCOUNT]).cluster)
                 if "requeue" not in line][:4]
     env = {"SLURM_JOB_ID": job, "SLURM_JOB_NUM_NODES": "1", "USER": "t", "SLURM_JOB_ACCOUNT": "p", "HOME": str(tmp_path)}

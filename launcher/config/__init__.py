@@ -78,15 +78,27 @@ def validated(overrides: Sequence[str] = ()) -> "LauncherConfig":
 
 def with_data_format(cfg: "LauncherConfig", data_format: str) -> "LauncherConfig":
     """The config with the data format the login node detected (or the user named) and absolute input paths: the job
-    reads the same files, whatever directory it starts in."""
+    reads the same files, whatever directory it starts in. A Hub id in ``model.pretrained``/``model.tokenizer``
+    becomes its pinned snapshot in the HF cache, and ``cluster.hf_home`` the absolute directory the job exports as
+    HF_HOME (``launcher.hub``): what the login node checked is what the job reads."""
     import dataclasses
     from pathlib import Path
+
+    from launcher import hub
 
     def absolute(path: "str | None") -> "str | None":
         return str(Path(path).expanduser().absolute()) if path else path
 
+    home = hub.hf_home(cfg.cluster.hf_home if cfg.cluster else None)
+
+    def model_input(field: str, value: "str | None") -> "str | None":
+        if value and hub.parse(field, value) is not None:
+            return hub.pinned_path(field, value, home)
+        return absolute(value)
+
     data = dataclasses.replace(cfg.data, format=data_format, path=absolute(cfg.data.path),
                                cache_dir=absolute(cfg.data.cache_dir))
-    model = dataclasses.replace(cfg.model, pretrained=absolute(cfg.model.pretrained),
-                                tokenizer=absolute(cfg.model.tokenizer))
-    return dataclasses.replace(cfg, data=data, model=model)
+    model = dataclasses.replace(cfg.model, pretrained=model_input("model.pretrained", cfg.model.pretrained),
+                                tokenizer=model_input("model.tokenizer", cfg.model.tokenizer))
+    cluster = dataclasses.replace(cfg.cluster, hf_home=str(home)) if cfg.cluster else None
+    return dataclasses.replace(cfg, data=data, model=model, cluster=cluster)

@@ -1,9 +1,11 @@
 """Inputs checked on the login node before anything waits in a queue: the data (it exists, is text, its format is
 detected or checked, its first records parse, a bad line is named as file:line), the model and tokenizer
-directories. Reads only the first records of each file; stdlib only (``launcher.train.data_formats`` is too)."""
+directories or Hub ids. Reads only the first records of each file; stdlib only (``launcher.train.data_formats`` is
+too), but for huggingface_hub, imported when a value is a Hub id."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -15,18 +17,43 @@ _SNIFF_BYTES = 8192
 
 
 def check_inputs(cfg: Mapping[str, Any]) -> str:
-    """Check data, model and tokenizer paths; returns the data format (explicit, else detected from the file)."""
+    """Check data, model and tokenizer paths (a Hub id: its pinned snapshot in the HF cache the job uses, see
+    ``launcher.hub``); returns the data format (explicit, else detected from the file)."""
+    model = cfg["model"]
     for key, needs in (("pretrained", ("config.json",)), ("tokenizer", ("tokenizer.json", "tokenizer_config.json"))):
-        value = cfg["model"][key]
+        value = model[key]
         if value is None:
+            continue
+        if _check_hub_id(cfg, key, value):
             continue
         path = Path(str(value)).expanduser()
         if not str(value).strip() or not path.is_dir():
-            raise ConfigError(f"model.{key}", value, "an existing local directory (compute nodes never download)")
+            raise ConfigError(f"model.{key}", value, "an existing local directory (compute nodes never download), "
+                                                     "or a Hub id org/name[@revision] staged on the login node")
         if not any((path / name).is_file() for name in needs):
             raise ConfigError(f"model.{key}", value, f"a Hugging Face directory holding {' or '.join(needs)} "
                                                      "(save_pretrained writes it)")
     return check_data(cfg["data"])
+
+
+def _check_hub_id(cfg: Mapping[str, Any], key: str, value: Any) -> bool:
+    """True when ``model.<key>`` is a Hub id whose snapshot holds what the run reads (ConfigError otherwise); False
+    for a local path. huggingface_hub is imported only here, for a Hub id."""
+    from launcher import hub
+
+    field = f"model.{key}"
+    hub_id = hub.parse(field, value)
+    if hub_id is None:
+        return False
+    cluster = cfg.get("cluster") or {}
+    home = hub.hf_home(cluster.get("hf_home"))
+    if cluster.get("container") and re.search(r"[,:]", str(home)):
+        raise ConfigError("cluster.hf_home", str(home), "a path without ',' or ':' (it is bound into the container)")
+    from_pretrained = key == "pretrained"
+    tokenizer = not from_pretrained or cfg["model"]["tokenizer"] is None
+    hub.resolve(field, hub_id, home, model=from_pretrained, tokenizer=tokenizer,
+                stage=hub.stage_command(cfg, field, str(value)))
+    return True
 
 
 def check_data(data: Mapping[str, Any]) -> str:

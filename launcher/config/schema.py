@@ -82,6 +82,9 @@ class ClusterConfig:
     billing_mem_gb_per_gpu: Optional[float] = None
     # Exported in the batch script (outside the container) and so inherited by every task.
     env: Dict[str, str] = field(default_factory=dict)
+    # The Hugging Face home the job exports as HF_HOME (its cache is <hf_home>/hub) and the login node resolves Hub
+    # ids against (docs/models.md); None: $HF_HOME, else ~/.cache/huggingface, resolved on the login node.
+    hf_home: Optional[str] = None
     # Shell template under slurm_templates/ with the machine's own setup lines.
     setup_template: Optional[str] = None
     # Shell template run after the training step, before the requeue decision (cleanup of node-local state).

@@ -54,9 +54,15 @@ def local_summary(cfg: LauncherConfig, nproc: int, run_dir: str) -> str:
 
 
 def _training_rows(cfg: LauncherConfig) -> list[tuple[str, str]]:
+    from launcher.hub import resolved
+
     train = cfg.train
+    # A Hub id was resolved to its pinned snapshot (launcher.hub): which one, and what the login node found in it.
+    snapshots = (resolved("model.pretrained", cfg.model.pretrained), resolved("model.tokenizer", cfg.model.tokenizer))
+    hub = [("hub", snapshot.describe()) for snapshot in snapshots if snapshot is not None]
     return [
         ("model", f"{cfg.model.name}" + (f" from {cfg.model.pretrained}" if cfg.model.pretrained else "")),
+        *hub,
         ("strategy", f"{cfg.strategy.name}, peft {cfg.peft.name}"),
         ("data", f"{cfg.data.path} ({cfg.data.format or 'auto'})"),
         ("steps", f"{train.max_steps} x micro-batch {train.micro_batch_size} x accum {train.grad_accum} "

@@ -40,7 +40,7 @@ def setup_lines(cfg: LauncherConfig, plan: JobPlan) -> List[str]:
         lines.append("# --- cluster.env ---")
         lines += [f"export {name}={shlex.quote(str(value))}" for name, value in cluster.env.items()]
     if cluster.setup_template:
-        lines += read_template(cluster.setup_template, run_dir=plan.run_dir)
+        lines += read_template(cluster.setup_template, run_dir=plan.run_dir, hf_home=cluster.hf_home)
     # Last: forwards variables set above (MASTER_ADDR, HF_HOME, ...) into the container by name.
     lines += containers.batch_setup_lines(cluster)
     return lines

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 from typing import Any, Callable, Dict, Optional
 
 import torch
@@ -17,6 +18,18 @@ from launcher.train.strategies import dcp
 from launcher.train.strategies.base import build_optimizer_and_scheduler
 
 checkpoint_problem = dcp.checkpoint_problem  # the registry's per-engine check: DCP files
+
+
+def _no_forward_buffer_sync() -> Dict[str, bool]:
+    """DDP's option to skip the buffer broadcast before every forward (a collective per micro-batch): a causal LM's
+    buffers (rotary tables) are constants computed from the model config, so equal on every rank. torch 2.13 renamed
+    the option (``broadcast_buffers`` warns there)."""
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
+
+
+NO_FORWARD_BUFFER_SYNC = _no_forward_buffer_sync()
 
 
 def autocast_forward(forward: Callable[..., Any], device_type: str) -> Callable[..., Any]:
@@ -39,9 +52,7 @@ class DDPStrategy(dcp.TorchNativeStrategy):
             model.forward = autocast_forward(model.forward, self.env.device.type)  # type: ignore[method-assign]
         self.module = model
         # Gradients are views into DDP's all-reduce buckets: no second fp32 copy of every gradient (4 B/param).
-        # No buffer broadcast before every forward: a causal LM's buffers (rotary tables) are constants, the same on
-        # every rank from the start (DDP broadcasts them once when it wraps the model).
-        kwargs: Dict[str, Any] = {"gradient_as_bucket_view": True, "broadcast_buffers": False}
+        kwargs: Dict[str, Any] = {"gradient_as_bucket_view": True, **NO_FORWARD_BUFFER_SYNC}
         if self.env.device.type == "cuda":
             kwargs["device_ids"] = [self.env.device.index]
         self.model = DistributedDataParallel(model, **kwargs)
