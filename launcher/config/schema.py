@@ -127,7 +127,7 @@ class ModelConfig:
 
     name: str = "tiny"
     arch: str = "llama"  # transformers model_type used when building from the numbers below
-    pretrained: Optional[str] = None  # local directory; never a hub id on a compute node
+    pretrained: Optional[str] = None  # a local directory, or a Hub id org/name[@rev] resolved on the login node (docs/models.md)
     tokenizer: Optional[str] = None  # local directory; default: pretrained dir, else a BPE trained on the data
     vocab_size: int = 1024
     hidden_size: int = 64
