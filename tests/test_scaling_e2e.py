@@ -21,8 +21,10 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def test_sweep_over_tasks_gives_a_report_with_plots_and_the_failed_point(tmp_path):
     common = ["+cluster=local_slurm", "training=benchmark", "train.max_steps=12", f"output_dir={tmp_path / 'sweep'}"]
     ids = submit(["-m", *common, "run_name=bench", "cluster.tasks_per_node=1,2"], tmp_path)
-    # A point that fails inside the job: its model directory exists but holds no model.
+    # A point that fails inside the job: its model directory passes the login node's check (it holds a config.json)
+    # but the config names no model type.
     (tmp_path / "empty-model").mkdir()
+    (tmp_path / "empty-model" / "config.json").write_text("{}")
     ids += submit([*common, "run_name=bench-broken", f"model.pretrained={tmp_path / 'empty-model'}"], tmp_path)
     states = [wait_final(job) for job in ids]
     assert states[:2] == ["COMPLETED", "COMPLETED"] and states[2] == "FAILED"

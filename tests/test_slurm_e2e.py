@@ -160,11 +160,12 @@ def test_job_runs_through_a_stand_in_apptainer_that_checks_binds_and_environment
     # command line: set it in Python, then launch exactly as the command line does.
     script = (
         "import sys\n"
-        "from launcher.__main__ import launch\n"
+        "from launcher.config.schema import ContainerConfig\n"
+        "from launcher.launch import launch\n"
         "from login_helpers import config\n"
         f"cfg = config({[*TINY, 'run_name=container', 'train.max_steps=6']!r})\n"
-        f"cfg['cluster']['container'] = {{'runtime': 'apptainer', 'image': {str(image)!r}, 'gpu_flag': None,\n"
-        f"    'binds': [], 'python': {sys.executable!r}}}\n"
+        f"cfg.cluster.container = ContainerConfig(runtime='apptainer', image={str(image)!r}, gpu_flag=None,\n"
+        f"    binds=[], python={sys.executable!r})\n"
         "sys.exit(launch(cfg).code)\n"
     )
     done = subprocess.run([sys.executable, "-c", script], cwd=work, capture_output=True, text=True, timeout=120,
