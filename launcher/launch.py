@@ -89,7 +89,7 @@ def _print_dry_run(cfg: LauncherConfig, plan: JobPlan, script: str) -> None:
     report, budget, summary = memory_report(cfg, plan.world_size), estimate_budget(cfg, plan), cluster_summary(cfg, plan)
     path = write_script(plan.run_dir, script)
     print(f"launcher: dry run, nothing submitted\n{summary}\n  script      {path}\n")
-    print(f"memory per device ({cfg.model.name}, {plan.nodes} nodes):\n{report}\n")
+    print(f"memory per device and host memory per node ({cfg.model.name}, {plan.nodes} nodes):\n{report}\n")
     if budget is not None:
         print(f"budget: {budget.describe()}\n")
     print(script)

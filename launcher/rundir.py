@@ -219,3 +219,23 @@ def read_config_yaml(run: Path) -> Optional[Dict[str, Any]]:
     except Exception:  # noqa: BLE001 - absent, unreadable or not YAML: callers show the run as unreadable
         return None
     return data if isinstance(data, dict) else None
+
+
+# -- hangs and faulty nodes (launcher/train/watchdog.py, slurm_templates/common_teardown.sh; docs/hangs.md) ---------
+# Appended: <run_dir>/hangs/attempt-<N>/rank-<r>.txt (stacks), node (the host to exclude), reason (why).
+HANGS_DIR = "hangs"
+HANG_NODE_FILE = "node"
+HANG_REASON_FILE = "reason"
+EXIT_HANG = 5  # the step-progress watchdog fired: the batch script requeues, excluding the node when one is named
+TEMPLATE_VALUES.update({
+    "hangs_dir": HANGS_DIR,
+    "hang_node_file": HANG_NODE_FILE,
+    "hang_reason_file": HANG_REASON_FILE,
+    "exit_hang": str(EXIT_HANG),
+    "exit_preflight": str(EXIT_PREFLIGHT),
+})
+
+
+def hang_dir(run: Path, attempt: int | str) -> Path:
+    """<run_dir>/hangs/attempt-<N>: what the watchdog (and a failed preflight) of attempt N left."""
+    return Path(run) / HANGS_DIR / f"attempt-{attempt}"

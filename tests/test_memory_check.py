@@ -1,4 +1,5 @@
-"""The dry run's memory plan (golden tables for an 8B model) and the check that refuses what cannot fit.
+"""The dry run's memory plan (golden tables for 8B and 70B models), host memory per node, and the check that refuses
+what cannot fit.
 
 Regenerate: UPDATE_GOLDEN=1 python -m pytest tests/test_memory_check.py, then review tests/golden/plan_*.txt.
 """
@@ -12,8 +13,14 @@ from pathlib import Path
 import pytest
 
 from launcher.errors import ConfigError
+from launcher.plan import estimate_memory
+from launcher.plan.devices import GIB
+from launcher.plan.fit import check_fits, host_budget_bytes, memory_report, model_shape, strategy_fits
+from launcher.plan.host import (
+    DS_SUB_GROUP_SIZE, JOB_LOW_MEMORY_LOAD, RANK_ALLOWANCE_BYTES, deepspeed_pinned_bytes, load_bytes, load_rule,
+    plan_host,
+)
 from launcher.plan.job import make_plan
-from launcher.plan.fit import check_fits, memory_report, strategy_fits
 from login_helpers import LEONARDO_ACCOUNT, LUMI_ACCOUNT, config, run_launcher
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -84,3 +91,151 @@ def test_the_same_job_without_offload_is_refused():
     cfg = config(OFFLOAD_JOB)
     with pytest.raises(ConfigError, match=r"strategy='zero3' is not allowed.*\(6\d\.\d GiB needed per device\)"):
         check_fits(cfg, make_plan(cfg).world_size)
+
+
+# --- host memory per node -----------------------------------------------------------------------------------------
+
+SEVENTY_B = ["model=llama-70b", "train.seq_len=4096", "train.micro_batch_size=1", "model.gradient_checkpointing=true"]
+N_8B, N_70B = 8_030_261_248, 70_553_706_496  # Llama-3.1-8B and -70B (conf/model/llama-{8b,70b}.yaml)
+
+
+def test_llama_70b_preset_has_the_published_shape():
+    cfg = config(["model=llama-70b"])
+    assert model_shape(cfg.model).n_params() == N_70B
+    assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.model.intermediate_size) == (80, 8192, 28672)
+    assert (cfg.model.num_heads, cfg.model.num_kv_heads, cfg.model.vocab_size) == (64, 8, 128256)
+    assert (cfg.model.rope_theta, cfg.model.max_position_embeddings) == (500000.0, 131072)
+    assert cfg.model.tie_embeddings is False and cfg.model.pretrained is None
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "zero1", "zero2", "zero3", "fsdp"])
+def test_load_today_is_one_fp32_copy_per_rank(strategy):
+    rule = load_rule(strategy)  # JOB_LOW_MEMORY_LOAD: what launcher/train/modeling.py does today
+    assert not JOB_LOW_MEMORY_LOAD and (rule.copies, rule.dtype) == ("rank", "fp32")
+    assert load_bytes(rule, N_8B, 8, "bf16") == 8 * 4 * N_8B  # LUMI: 8 x 32.1 GB = 257 GB (239.3 GiB)
+    assert load_bytes(rule, N_70B, 4, "bf16") == 4 * 4 * N_70B  # Leonardo: 4 x 282 GB
+
+
+@pytest.mark.parametrize("strategy, per_node", [("ddp", 0), ("zero1", 0), ("zero2", 0), ("zero3", 2), ("fsdp", 2)])
+def test_low_memory_load_table(strategy, per_node):
+    # Replicated strategies load straight to the device; sharded ones hold one copy per node in the training dtype.
+    rule = load_rule(strategy, low_memory_load=True)
+    assert load_bytes(rule, N_70B, 8, "bf16") == per_node * N_70B
+    assert load_bytes(rule, N_70B, 8, "fp32") == 2 * per_node * N_70B  # CPU runs train in fp32
+
+
+def test_host_plan_against_hand_arithmetic():
+    # 70B, zero3 with optimizer offload on 4 LUMI nodes (32 ranks, 8 per node), bf16.
+    estimate = estimate_memory(N_70B, "zero3", 32, offload_optimizer=True)
+    shard = -(-N_70B // 32)
+    assert estimate.offloaded == -(-12 * N_70B // 32) + -(-4 * N_70B // 32)  # Adam + fp32 master, fp32 grad shard
+    plan = plan_host("zero3", n_params=N_70B, offloaded=estimate.offloaded, device_total=estimate.total,
+                     ranks_per_node=8, world_size=32, budget_bytes=480 * GIB, precision="bf16",
+                     offload_optimizer=True, trainable=N_70B, largest_layer=128256 * 8192)
+    pinned = 4 * min(DS_SUB_GROUP_SIZE, shard)  # one ZeRO-3 sub-group's fp32 gradient buffer
+    assert plan.steady == 8 * (estimate.offloaded + pinned)
+    assert plan.load == 8 * 4 * N_70B and plan.allowance == 8 * 2 * GIB == 8 * RANK_ALLOWANCE_BYTES
+    assert plan.peak == max(plan.load, plan.steady) + plan.allowance
+    assert not plan.load_fits and not plan.fits
+    assert plan.steady_fits  # 8 x 35.3 GB + 8 x 4 GB = 314 GB of offloaded state fits 480 GiB
+    # ZeRO-1/2: a 16-bit copy of the partition and one largest-parameter gradient buffer.
+    assert deepspeed_pinned_bytes(2, N_8B, 8, 128256 * 4096) == 2 * -(-N_8B // 8) + 2 * 128256 * 4096
+    assert deepspeed_pinned_bytes(0, N_8B, 8, 1) == 0
+
+
+def test_host_plan_on_a_cpu_device_counts_every_state():
+    estimate = estimate_memory(10**9, "ddp", 2, precision="fp32")
+    plan = plan_host("ddp", n_params=10**9, offloaded=0, device_total=estimate.total, ranks_per_node=2,
+                     world_size=2, budget_bytes=16 * GIB, precision="fp32", on_cpu=True)
+    assert plan.steady == 2 * estimate.total and plan.load == 2 * 4 * 10**9
+    assert plan.peak == 2 * estimate.total + 2 * RANK_ALLOWANCE_BYTES
+
+
+@pytest.mark.parametrize("overrides, gib", [
+    (["+cluster=lumi", LUMI_ACCOUNT], 480),  # 8 x mem_per_gpu 60G, host_mem_gb 480
+    (["+cluster=lumi", LUMI_ACCOUNT, "cluster.partition=small-g", "cluster.gpus_per_node_requested=1"], 60),
+    (["+cluster=leonardo", LEONARDO_ACCOUNT], 480),  # mem 480G capped by host_mem_gb 494
+    (["+cluster=leonardo", LEONARDO_ACCOUNT, "cluster.gpus_per_node_requested=2"], 240),  # 2 x 120G
+    (["+cluster=leonardo", LEONARDO_ACCOUNT, "cluster.mem=1T"], 494),  # a request above the node: the node
+    (["+cluster=local_slurm"], 16),
+])
+def test_host_budget_is_the_request_capped_by_the_node(overrides, gib):
+    assert host_budget_bytes(config(overrides).cluster) == gib * GIB
+
+
+def test_no_host_memory_known_means_no_host_column():
+    cfg = config(["+cluster=local_slurm", "cluster.host_mem_gb=null"])
+    assert host_budget_bytes(cfg.cluster) is None
+    assert "host GiB/node" not in memory_report(cfg, 2)
+    with pytest.raises(ConfigError, match="cluster.host_mem_gb"):
+        host_budget_bytes(config(["+cluster=local_slurm", "cluster.host_mem_gb=0"]).cluster)
+
+
+def test_gate_refuses_70b_full_fine_tune_on_one_lumi_node_for_host_memory_at_load():
+    cfg = config(["+cluster=lumi", LUMI_ACCOUNT, "strategy=zero3", *SEVENTY_B])
+    with pytest.raises(ConfigError) as error:
+        check_fits(cfg, make_plan(cfg).world_size)
+    message = str(error.value)
+    assert error.value.field == "strategy"  # the device does not fit either (161 GiB per GCD)
+    assert "host memory at load" in message and "every rank builds the full model in fp32" in message
+    assert "8 x 262.8 GiB + 16 GiB (process, dataloader) = 2118.7 GiB per node" in message
+    assert "more than the job's 480.0 GiB" in message and "ignore_memory_estimate=true" in message
+    assert "no: device, host load" in error.value.details and "host GiB/node" in error.value.details
+    check_fits(dataclasses.replace(cfg, ignore_memory_estimate=True), 8)
+
+
+@pytest.mark.parametrize("machine, nodes, peft", [("lumi", 4, []), ("leonardo", 8, []), ("lumi", 1, ["peft=lora"]),
+                                                  ("leonardo", 1, ["peft=lora"])])
+def test_70b_that_fits_the_device_is_refused_for_the_load_alone(machine, nodes, peft):
+    cfg = config([f"+cluster={machine}", MACHINES[machine], f"nodes={nodes}", "strategy=zero3", *SEVENTY_B, *peft])
+    with pytest.raises(ConfigError) as error:
+        check_fits(cfg, make_plan(cfg).world_size)
+    assert (error.value.field, error.value.value) == ("model", "llama-70b")  # no strategy's load fits
+    assert "no node count or strategy shrinks the load" in str(error.value)
+    table = error.value.details
+    assert "zero3    |" in table and "| no: host load" in table
+    assert "with low-memory loading (issue 15) zero3 would fit" in table  # what the job side will change
+
+
+def test_offload_that_does_not_fit_the_host_is_refused():
+    # 8B zero3 on one GCD of small-g: 60 GiB of host, but 16 B/param offloaded = 120 GiB.
+    cfg = config(["+cluster=lumi", LUMI_ACCOUNT, "cluster.partition=small-g", "cluster.gpus_per_node_requested=1",
+                  "strategy=zero3", "strategy.offload_optimizer=true", "strategy.offload_params=true", *EIGHT_B])
+    with pytest.raises(ConfigError) as error:
+        check_fits(cfg, make_plan(cfg).world_size)
+    message = str(error.value)
+    assert error.value.field == "strategy" and "host memory during training" in message
+    assert "use more nodes" in message and "offload less" in message and "host load" not in message
+    assert "no: host offload" in error.value.details
+
+
+def test_dry_run_shows_host_memory_per_node(tmp_path):
+    done = run_launcher(["+cluster=leonardo", LEONARDO_ACCOUNT, "nodes=8", "dry_run=true", "run_name=h",
+                         f"output_dir={tmp_path}", *SEVENTY_B], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "memory per device and host memory per node (llama-70b, 8 nodes)" in done.stdout
+    assert "| host GiB/node | fits" in done.stdout and "4 x 262.83 GiB = 1051.33 GiB" in done.stdout
+
+
+@pytest.mark.parametrize("machine", sorted(MACHINES))
+def test_golden_70b_planning_table(machine):
+    path = GOLDEN / f"plan_{machine}_llama-70b.txt"
+    parts = []
+    for nodes, peft in (({"lumi": 4, "leonardo": 8}[machine], []), (1, ["peft=lora"])):
+        cfg = config([f"+cluster={machine}", MACHINES[machine], f"nodes={nodes}", *SEVENTY_B, *peft])
+        label = "lora" if peft else "full fine-tuning"
+        parts.append(f"## {machine}, {nodes} nodes, {label}\n{memory_report(cfg, make_plan(cfg).world_size)}\n")
+    text = "\n".join(parts)
+    if os.environ.get("UPDATE_GOLDEN"):
+        path.write_text(text)
+    assert text == path.read_text(), f"planning table changed (UPDATE_GOLDEN=1 to regenerate):\n{text}"
+
+
+def test_cpu_ranks_are_checked_against_the_nodes_memory():
+    # local_slurm: 2 CPU ranks with 16 GiB; a 1B model in fp32 needs 2 x ~19 GiB of training states.
+    cfg = config(["+cluster=local_slurm", "model=llama-1b", "train.seq_len=256", "train.micro_batch_size=1"])
+    with pytest.raises(ConfigError) as error:
+        check_fits(cfg, make_plan(cfg).world_size)
+    assert error.value.field == "strategy" and "training states of the CPU ranks" in str(error.value)
+    assert "| no: host training" in error.value.details
+    check_fits(config(["+cluster=local_slurm"]), 2)  # the tiny default model fits

@@ -20,6 +20,9 @@ _TRAIN_RANGES: dict[str, tuple[Optional[float], Optional[float], bool]] = {
     "lr": (0, None, False), "min_lr_ratio": (0, 1, True), "warmup_steps": (0, None, True),
     "weight_decay": (0, None, True), "grad_clip": (0, None, True), "debug_step_sleep_s": (0, None, True),
     "global_batch_size": (1, None, True), "save_every_minutes": (0, None, False), "keep_every": (1, None, True),
+    "hang_timeout_s": (0, None, True), "straggler_every": (0, None, True), "straggler_ratio": (1, None, False),
+    "debug_hang_at_step": (1, None, True), "debug_hang_rank": (0, None, True), "debug_slow_rank": (0, None, True),
+    "debug_slow_factor": (0, None, True),
 }
 _MODEL_RANGES = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
                  "max_position_embeddings")
@@ -64,6 +67,7 @@ def check_training(cfg: Mapping[str, Any]) -> None:
         raise ConfigError("data.eval_fraction", 1, "a fraction in [0, 1): some data must be left to train on")
     for key, (low, high, low_ok) in _TRAIN_RANGES.items():
         check_number(f"train.{key}", cfg["train"][key], low, high, low_ok)
+    one_of("train.debug_hang_in", cfg["train"].get("debug_hang_in", "collective"), ("collective", "sleep"))
     for key, (low, high, low_ok) in _BUDGET_RANGES.items():
         check_number(f"budget.{key}", cfg["budget"][key], low, high, low_ok)
     _check_model(cfg["model"], cfg["train"]["seq_len"])

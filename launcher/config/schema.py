@@ -67,6 +67,9 @@ class ClusterConfig:
     cpus_per_task: int = 1
     mem: Optional[str] = None  # e.g. 480G: what a whole-node job asks for; None leaves Slurm's default
     mem_per_gpu: Optional[str] = None  # what a partial-node job asks for per GPU (a whole node without ``mem`` too)
+    # Host memory one node gives a job, in Slurm's G (GiB): the planner's host budget is the job's request (mem, or
+    # mem_per_gpu x GPUs) capped by this (launcher.plan.host). None: only the request, else host memory is not checked.
+    host_mem_gb: Optional[float] = None
     # None: follow the request (whole nodes are exclusive, a share of a shareable partition is not); true/false force.
     exclusive: Optional[bool] = None
     cpu_bind: Optional[str] = None  # srun --cpu-bind value
@@ -198,6 +201,21 @@ class TrainConfig:
     preflight: bool = True
     # Sleep this many seconds per step: only for tests of time limits and preemption.
     debug_step_sleep_s: float = 0.0
+    # Hangs and stragglers (docs/hangs.md). Seconds without a completed optimizer step before the watchdog dumps
+    # every rank's stacks and exits with rundir.EXIT_HANG; None: derived (max(600, 20 x median step), more before
+    # the first step and in saves); 0: off.
+    hang_timeout_s: Optional[float] = None
+    # Every this many logged steps the ranks gather their step times (0: never); a rank above straggler_ratio x the
+    # median for 3 windows in a row gets a warning.
+    straggler_every: int = 10
+    straggler_ratio: float = 1.2
+    # Only for tests: one rank (None: the last) blocks forever at this step, in a collective or in a sleep.
+    debug_hang_at_step: Optional[int] = None
+    debug_hang_rank: Optional[int] = None
+    debug_hang_in: str = "collective"  # collective | sleep
+    # Only for tests: this rank sleeps debug_slow_factor x debug_step_sleep_s per step (a straggler).
+    debug_slow_rank: Optional[int] = None
+    debug_slow_factor: float = 1.0
 
 
 @dataclass

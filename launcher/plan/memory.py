@@ -16,10 +16,14 @@ transformers or deepspeed. The formulas, their sources and their measured accura
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
 
 from launcher.config.strategies import STRATEGY_NAMES, strategy_spec
 from launcher.plan.devices import GIB, Device
+from launcher.plan.shape import LORA_TARGETS, ModelShape
+
+if TYPE_CHECKING:
+    from launcher.plan.host import HostPlan
 
 # The order in which ``recommend`` tries them (least communication first): the strategy table's.
 STRATEGIES: tuple[str, ...] = STRATEGY_NAMES
@@ -42,107 +46,6 @@ _PRECISIONS: dict[str, _Bytes] = {
     # Pure fp32 (CPU runs): the parameters are the master copy, so Adam adds only momentum + variance.
     "fp32": _Bytes(param=4, grad=4, optim=8, act=4),
 }
-
-# Module names LoRA can target in a Llama layer (peft's target_modules).
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """The numbers that size a Llama-style decoder (RMSNorm, GQA attention with RoPE, SwiGLU MLP, no biases)."""
-
-    n_layers: int
-    hidden_size: int
-    n_heads: int
-    n_kv_heads: int
-    intermediate_size: int
-    vocab_size: int
-    tie_embeddings: bool = False
-    head_dim: int | None = None  # None: hidden_size // n_heads, as in LlamaConfig
-
-    def __post_init__(self) -> None:
-        for name in ("n_layers", "hidden_size", "n_heads", "n_kv_heads", "intermediate_size", "vocab_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"ModelShape.{name} must be positive, got {getattr(self, name)}")
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
-        if self.head_dim is None and self.hidden_size % self.n_heads:
-            raise ValueError(
-                f"hidden_size ({self.hidden_size}) is not divisible by n_heads ({self.n_heads}); pass head_dim"
-            )
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> ModelShape:
-        """From the launcher's ``ModelConfig`` (num_layers, num_heads, ...) or a transformers ``LlamaConfig``.
-
-        Duck-typed on attribute names so neither omegaconf nor transformers is imported here.
-        """
-
-        def pick(*names: str, default: Any = None) -> Any:
-            for name in names:
-                value = getattr(cfg, name, None)
-                if value is not None:
-                    return value
-            if default is not None:
-                return default
-            raise ValueError(f"config has none of {names}")
-
-        return cls(
-            n_layers=pick("num_layers", "num_hidden_layers"),
-            hidden_size=pick("hidden_size"),
-            n_heads=pick("num_heads", "num_attention_heads"),
-            n_kv_heads=pick("num_kv_heads", "num_key_value_heads", "num_heads", "num_attention_heads"),
-            intermediate_size=pick("intermediate_size"),
-            vocab_size=pick("vocab_size"),
-            tie_embeddings=bool(pick("tie_embeddings", "tie_word_embeddings", default=False)),
-            head_dim=getattr(cfg, "head_dim", None),
-        )
-
-    @property
-    def q_dim(self) -> int:
-        """Width of the query (and attention output) projection: n_heads * head_dim."""
-        return self.n_heads * (self.head_dim or self.hidden_size // self.n_heads)
-
-    @property
-    def kv_dim(self) -> int:
-        """Width of each of the key and value projections: n_kv_heads * head_dim (smaller with GQA)."""
-        return self.n_kv_heads * (self.head_dim or self.hidden_size // self.n_heads)
-
-    def layer_params(self) -> int:
-        """Parameters of one decoder layer: q/k/v/o, gate/up/down, two RMSNorm weights."""
-        h = self.hidden_size
-        attention = h * self.q_dim + 2 * h * self.kv_dim + self.q_dim * h
-        mlp = 3 * h * self.intermediate_size
-        return attention + mlp + 2 * h
-
-    def n_params(self) -> int:
-        """All parameters, counting a tied embedding / lm_head matrix once (as ``model.parameters()`` does)."""
-        embeddings = self.vocab_size * self.hidden_size
-        lm_head = 0 if self.tie_embeddings else embeddings
-        return embeddings + self.n_layers * self.layer_params() + self.hidden_size + lm_head
-
-    def largest_layer_params(self) -> int:
-        """Parameters of the largest single module (DeepSpeed's "largest layer"): ZeRO-3 gathers it whole."""
-        h = self.hidden_size
-        return max(self.vocab_size * h, h * self.intermediate_size, h * self.q_dim)
-
-    def lora_params(self, r: int, target_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj")) -> int:
-        """Trainable parameters of LoRA adapters of rank ``r`` (A: in x r, B: r x out) on every layer."""
-        h, i = self.hidden_size, self.intermediate_size
-        shapes = {
-            "q_proj": (h, self.q_dim),
-            "k_proj": (h, self.kv_dim),
-            "v_proj": (h, self.kv_dim),
-            "o_proj": (self.q_dim, h),
-            "gate_proj": (h, i),
-            "up_proj": (h, i),
-            "down_proj": (i, h),
-        }
-        unknown = sorted(set(target_modules) - set(shapes))
-        if unknown:
-            raise ValueError(f"unknown LoRA target modules {unknown}; allowed: {', '.join(LORA_TARGETS)}")
-        return self.n_layers * sum(r * (shapes[m][0] + shapes[m][1]) for m in target_modules)
-
 
 @dataclass(frozen=True)
 class MemoryEstimate:
@@ -395,11 +298,20 @@ class StrategyFit:
     fits: bool
     usable_bytes: int  # margin * device memory
     margin: float
+    # Host memory per node (launcher.plan.host), when the caller planned it (launcher.plan.fit does for a profile);
+    # ``host_low_memory``: the same under low-memory loading, while the job does not load that way yet.
+    host: Optional["HostPlan"] = None
+    host_low_memory: Optional["HostPlan"] = None
 
     @property
     def headroom_bytes(self) -> int:
         """Usable bytes left after the estimate; negative when it does not fit."""
         return self.usable_bytes - self.estimate.total
+
+    @property
+    def fits_node(self) -> bool:
+        """Fits the device and, when planned, the node's host memory."""
+        return self.fits and (self.host is None or self.host.fits)
 
 
 def plan_strategies(
@@ -449,48 +361,15 @@ def plan_strategies(
 
 
 def recommend(fits: Iterable[StrategyFit]) -> str | None:
-    """The strategy with the least communication that fits (order of ``STRATEGIES``); None if none fits."""
-    fitting = {fit.strategy for fit in fits if fit.fits}
+    """The strategy with the least communication that fits its device and, when planned, the node's host memory
+    (order of ``STRATEGIES``); None if none fits."""
+    fitting = {fit.strategy for fit in fits if fit.fits_node}
     return next((strategy for strategy in STRATEGIES if strategy in fitting), None)
 
 
 def format_strategy_table(fits: Sequence[StrategyFit], device: Device) -> str:
-    """A plain-text table of ``plan_strategies`` output (GiB per device) and the recommendation line."""
-    header = ("strategy", "params", "grads", "optimizer", "activations", "total GiB", "fits")
-    rows = [
-        (
-            fit.strategy,
-            f"{fit.estimate.gib('parameters'):.2f}",
-            f"{fit.estimate.gib('gradients'):.2f}",
-            f"{fit.estimate.gib('optimizer'):.2f}",
-            f"{fit.estimate.gib('activations'):.2f}",
-            f"{fit.estimate.total_gib:.2f}",
-            "yes" if fit.fits else "no",
-        )
-        for fit in fits
-    ]
-    widths = [max(len(row[col]) for row in (header, *rows)) for col in range(len(header))]
+    """A plain-text table of ``plan_strategies`` output (GiB per device, host GiB per node when planned) and the
+    recommendation line: ``launcher.plan.table.format_strategy_table``."""
+    from launcher.plan.table import format_strategy_table as format_table
 
-    def line(cells: Sequence[str]) -> str:
-        # Names left-aligned, numbers right-aligned so the decimals line up.
-        padded = [c.ljust(w) if col in (0, 6) else c.rjust(w) for col, (c, w) in enumerate(zip(cells, widths))]
-        return " | ".join(padded).rstrip()
-
-    lines = []
-    if fits:
-        world_size, margin = fits[0].estimate.world_size, fits[0].margin
-        lines.append(
-            f"device {device.name}: {gib(device.memory_bytes):.2f} GiB, usable {gib(fits[0].usable_bytes):.2f} GiB"
-            f" (margin {margin:.2f}), world size {world_size}"
-        )
-    lines += [line(header), "-+-".join("-" * w for w in widths), *(line(row) for row in rows)]
-    for note in dict.fromkeys(note for fit in fits for note in fit.estimate.notes):
-        lines.append(f"note: {note}")
-    choice = recommend(fits)
-    if choice is None:
-        lines.append(
-            "recommendation: none fits; use more devices, gradient checkpointing, a smaller micro batch or offloading"
-        )
-    else:
-        lines.append(f"recommendation: {choice} (least communication that fits)")
-    return "\n".join(lines)
+    return format_table(fits, device)

@@ -8,6 +8,7 @@ What each row comes from (names in launcher.rundir):
     metrics.jsonl          one JSON object per logged step (only its tail is read)
     checkpoints/step-N/    complete ones hold a COMPLETE file
     export/                the exported model, once training finished
+    hangs/attempt-N/       the watchdog's stack files (rank-<r>.txt: a "key: value" header, then the stacks)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from launcher import rundir
 from launcher.cli_errors import show
 from launcher.slurm import query as sq
+from launcher.status.hangs import hang_notes, read_hang, straggler_of
 from launcher.status.safe import is_finite_number, load_yaml_mapping, open_regular, parse_record, problem_of
 
 CONFIG_MAX_BYTES = 4 << 20  # a resolved config is a few kB
@@ -84,6 +86,10 @@ class Run:
     export: bool = False
     log: Optional[str] = None  # task 0 log of the newest job
     attempts_log: Dict[str, Any] = field(default_factory=dict, repr=False)
+    # The newest hang of the run (hangs/attempt-N/): step, last_step, rank, host, phase, cause, file, attempt, ranks.
+    hang: Optional[Dict[str, Any]] = None
+    # The last straggler report of metrics.jsonl: slowest_rank, slowest_host, straggler_ratio, warning.
+    straggler: Optional[Dict[str, Any]] = None
     # "<file>: <why>" for each file of the run that could not be (fully) read; the row shows what could.
     problems: List[str] = field(default_factory=list)
 
@@ -225,6 +231,7 @@ def read_run(run_dir: Path, now: Optional[float] = None) -> Run:
         problems=problems,
     )
     _read_progress(run, run_dir / rundir.METRICS_FILE, now)
+    run.hang = read_hang(run_dir, run.step)
     if run.job_id is not None:
         run.log = str(rundir.task_log(run_dir, run.job_id))
         entry = attempts.get(run.job_id)
@@ -279,6 +286,8 @@ def read_metrics_tail(path: Path, problems: List[str], block: int = METRICS_TAIL
             result["eval_loss"] = record["eval_loss"]
         if "loss" in record and "train" not in result:
             result["train"] = record
+        if record.get("event") == "stragglers" and "stragglers" not in result:
+            result["stragglers"] = record
     if size and not any(records):
         problems.append(f"{rundir.METRICS_FILE}: no readable record in its last {min(size, block):,} bytes")
     elif "train" not in result and size > block:  # eval lines at the end: look further back
@@ -300,6 +309,7 @@ def _read_progress(run: Run, metrics_path: Path, now: Optional[float]) -> None:
     run.mfu = number(train, "mfu", float)
     run.train_elapsed_s = number(train, "elapsed_s", float)
     run.eval_loss = number(metrics, "eval_loss", float)
+    run.straggler = straggler_of(metrics.get("stragglers"))
     if metrics:
         try:
             run.metrics_age_s = max(0.0, (now or time.time()) - metrics_path.stat().st_mtime)
@@ -360,6 +370,7 @@ def collect(directory: Path, *, query: Optional[Callable[[List[str]], sq.Query]]
     runs = [_read_run_or_unreadable(path, now) for path in find_runs(directory)]
     ids = [run.job_id for run in runs if run.job_id is not None]
     notes = [f"{run.name}: {problem}" for run in runs for problem in run.problems]
+    notes += [note for run in runs for note in hang_notes(run)]
     if not ids:
         return runs, notes
     result = (query or sq.query_jobs)(ids)

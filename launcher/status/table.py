@@ -60,6 +60,7 @@ def _raw_cells(run: Run) -> List[str]:
     state = run.state
     if run.reason and state == "PENDING":
         state = f"PENDING ({run.reason})"
+    state = _fault_state(run, state)
     if run.step is None and run.max_steps is None:
         step = "-"
     else:
@@ -76,6 +77,23 @@ def _raw_cells(run: Run) -> List[str]:
         format_duration(run.elapsed_s),
         "yes" if run.export else "-",
     ]
+
+
+# Slurm states in which the job is still alive: a hang of an earlier attempt only adds to them.
+_ALIVE = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING")
+
+
+def _fault_state(run: Run, state: str) -> str:
+    """HUNG at step N (rank r on host) when the newest attempt hung; a straggler warning adds "straggler: rank r"."""
+    hang = run.hang
+    if hang and not run.export:
+        text = f"HUNG at step {hang.get('step')} (rank {hang.get('rank')} on {hang.get('host')})"
+        state = f"{state}, last attempt {text}" if state.split(" ")[0] in _ALIVE else text
+    straggler = run.straggler
+    if straggler and straggler.get("warning"):
+        state += (f" (straggler: rank {straggler.get('slowest_rank')} on {straggler.get('slowest_host')}, "
+                  f"{straggler.get('straggler_ratio', 0):.2f}x)")
+    return state
 
 
 def format_table(runs: Sequence[Run]) -> str:

@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from launcher.rundir import ENV_SIGNAL_LEAD_S
 from launcher.train import distributed as D
+from launcher.train import watchdog as W
 from launcher.train.batches import DeviceBatches, to_device
 from launcher.train.metrics import MetricsFile, PeakMemory, Progress, StepWindow, device_peak_tflops
 
@@ -103,17 +104,22 @@ class Trainer:
         if self.state.step >= self.max_steps:
             self.progress.message(f"already at step {self.state.step} of {self.max_steps}: nothing to train")
         for step in range(self.state.step + 1, self.max_steps + 1):
+            W.step_start(step)  # test hooks (train.debug_hang_*)
             lr = float(self.strategy.scheduler.get_last_lr()[0])  # the rate this step uses (no device sync)
             grad_norm = self._train_step(step)
             self._window.steps += 1
             self.state.step = step
             self.state.tokens += self.tokens_per_step
+            W.step_done(step)  # the watchdog's progress beat (docs/hangs.md)
             if step == self.state_first_step_of_attempt:
                 self.peak_memory.reset()  # from here on: the training peak, not the load's
             if step % self.log_every == 0 or step == self.max_steps:
-                self._log_window(step, lr, grad_norm)
+                with W.phase("collective"):
+                    self._log_window(step, lr, grad_norm)
+                    W.log_step(step)  # every train.straggler_every log steps: the straggler gather
             if self.eval_every and (step % self.eval_every == 0 or step == self.max_steps):
-                self._paused(lambda: self.evaluate(step))
+                with W.phase("eval"):
+                    self._paused(lambda: self.evaluate(step))
             flags = agreement.collect()  # what every rank posted at the end of the previous step
             stop = bool(flags and flags[0] > 0) and step < self.max_steps
             self._maybe_save(step, stop=stop, time_due=bool(flags and flags[1] > 0))
@@ -160,7 +166,8 @@ class Trainer:
         now = time.perf_counter()
         self.state.elapsed_s += now - self._attempt_start
         self._attempt_start = now
-        self._paused(lambda: self.save(step))
+        with W.phase("save"):
+            self._paused(lambda: self.save(step))
 
     # -------------------------------------------------------------------------------------------------------------
     def _reduce_for_log(self, loss_sum: torch.Tensor, steps: int, grad_norm: torch.Tensor) -> list:

@@ -66,6 +66,7 @@ def run(run_dir: str | Path) -> int:
     cluster = asdict(cfg.cluster) if cfg.cluster is not None else None
     # Before the rendezvous: a time-limit or preemption signal during a slow start must only set the flag.
     restore_signals = D.install_signal_handlers()
+    _watchdog().flight_recorder_env(run_dir)  # NCCL's flight-recorder dump lands in hangs/ (docs/hangs.md)
     D.clear_stop()
     try:
         # setup() applies cpu_collectives only when the device turns out to be a GPU.
@@ -84,6 +85,7 @@ def run(run_dir: str | Path) -> int:
         return EXIT_FAILED
     except PreflightError as e:
         print(f"train: [rank {env.rank}] {e}", file=sys.stderr, flush=True)
+        _watchdog().record_preflight_failure(run_dir, getattr(e, "report", None), env.rank)  # the node to exclude
         return EXIT_PREFLIGHT
     except Exception:
         print(f"train: [rank {env.rank}] failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
@@ -91,6 +93,12 @@ def run(run_dir: str | Path) -> int:
     finally:
         restore_signals()
         D.teardown()
+
+
+def _watchdog() -> Any:
+    from launcher.train import watchdog
+
+    return watchdog
 
 
 def _input_errors() -> tuple:
@@ -251,9 +259,11 @@ def _train(cfg: "LauncherConfig", env: "DistEnv", run_dir: Path, prepared: _Prep
         f"eval sequences of {splits.train.seq_len} tokens; global batch {trainer.tokens_per_step} tokens; "
         + (f"resuming at step {state.step}" if state.step else "starting at step 0"), env=env,
     )
+    _watchdog().start(train, env, run_dir, metrics)  # the hang watchdog and the straggler report
     try:
         outcome = trainer.train()
     finally:
+        _watchdog().stop()
         metrics.close()
         if tensorboard is not None:
             tensorboard.close()
