@@ -16,7 +16,7 @@ from typing import Any, Dict, List
 from omegaconf import DictConfig, OmegaConf
 
 from launcher.cli_errors import EXIT_INTERNAL, EXIT_USER, describe, internal_error_line, run_cli, write_traceback
-from launcher.config import check_overrides, compose, setup_hydra, to_typed, with_data_format
+from launcher.config import check_overrides, compose, setup_hydra, to_typed, with_resolved_inputs
 from launcher.config.schema import as_container
 from launcher.errors import ConfigError
 from launcher.paths import CONF_DIR
@@ -31,7 +31,7 @@ def _run_point(cfg: DictConfig) -> Any:
     plain = _sweep_point(as_container(cfg))
     # On the plain tree first: the typed conversion would silently keep unknown '+' keys.
     data_format = validate(plain)
-    return launch(with_data_format(to_typed(cfg, run_name=plain["run_name"]), data_format))
+    return launch(with_resolved_inputs(to_typed(cfg, run_name=plain["run_name"]), data_format))
 
 
 def _hydra_task(cfg: DictConfig) -> Dict[str, Any]:

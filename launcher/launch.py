@@ -32,9 +32,7 @@ def check_point(cfg: LauncherConfig) -> None:
     before the first one is submitted or trained."""
     if cfg.cluster is None:
         return
-    plan = make_plan(cfg)
-    cfg = apply_global_batch(cfg, plan.world_size)
-    render_script(cfg, plan)
+    cfg, plan, _ = _plan_and_render(cfg)
     if not cfg.dry_run:
         from launcher.plan.fit import check_fits
 
@@ -46,10 +44,15 @@ def launch(cfg: LauncherConfig) -> LaunchResult:
     return _launch_cluster(cfg) if cfg.cluster else _launch_local(cfg)
 
 
-def _launch_cluster(cfg: LauncherConfig) -> LaunchResult:
+def _plan_and_render(cfg: LauncherConfig) -> tuple[LauncherConfig, JobPlan, str]:
+    """The job plan, the config with its per-world-size values (grad_accum under a global batch) and the script."""
     plan = make_plan(cfg)
     cfg = apply_global_batch(cfg, plan.world_size)
-    script = render_script(cfg, plan)
+    return cfg, plan, render_script(cfg, plan)
+
+
+def _launch_cluster(cfg: LauncherConfig) -> LaunchResult:
+    cfg, plan, script = _plan_and_render(cfg)
     for warning in (save_budget_warning(cfg, plan), _home_warning(cfg, plan)):
         if warning:
             print(f"launcher: {warning}", file=sys.stderr)

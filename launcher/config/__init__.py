@@ -73,10 +73,10 @@ def validated(overrides: Sequence[str] = ()) -> "LauncherConfig":
     composed = compose(overrides)
     check_interpolations(OmegaConf.to_container(composed, resolve=False))
     data_format = validate(as_container(composed))
-    return with_data_format(to_typed(composed), data_format)
+    return with_resolved_inputs(to_typed(composed), data_format)
 
 
-def with_data_format(cfg: "LauncherConfig", data_format: str) -> "LauncherConfig":
+def with_resolved_inputs(cfg: "LauncherConfig", data_format: str) -> "LauncherConfig":
     """The config with the data format the login node detected (or the user named) and absolute input paths: the job
     reads the same files, whatever directory it starts in. A Hub id in ``model.pretrained``/``model.tokenizer``
     becomes its pinned snapshot in the HF cache, and ``cluster.hf_home`` the absolute directory the job exports as

@@ -7,6 +7,7 @@ import re
 from typing import Any, Mapping
 
 from launcher.config.check_values import check_number, one_of
+from launcher.config.schema import requested_gpus, tasks_on_node
 from launcher.errors import ConfigError
 from launcher.paths import TEMPLATES_DIR
 from launcher.plan.devices import DEVICES
@@ -104,10 +105,10 @@ def _check_account(cluster: Mapping[str, Any]) -> None:
 
 def _check_node_shape(cluster: Mapping[str, Any]) -> None:
     gpus = cluster["gpus_per_node"]
-    requested = gpus if cluster["gpus_per_node_requested"] is None else cluster["gpus_per_node_requested"]
+    requested = requested_gpus(gpus, cluster["gpus_per_node_requested"])
     if not 0 <= requested <= gpus:
         raise ConfigError("cluster.gpus_per_node_requested", requested, f"0..{gpus} (GPUs on one {cluster['name']} node)")
-    tasks = cluster["tasks_per_node"] if cluster["tasks_per_node"] is not None else max(1, requested)
+    tasks = tasks_on_node(cluster["tasks_per_node"], requested)
     if tasks < 1 or (requested and tasks > requested):
         raise ConfigError("cluster.tasks_per_node", tasks, f"1..{requested or 'n'} (one task per GPU at most)")
     if tasks * cluster["cpus_per_task"] > cluster["cpus_per_node"]:

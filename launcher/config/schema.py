@@ -193,7 +193,7 @@ class TrainConfig:
     keep_every: Optional[int] = None
     eval_every: int = 50
     eval_batches: int = 4
-    log_every: int = 1
+    log_every: int = 10  # as conf/training/default.yaml: each log step is a host sync and an all-reduce
     tensorboard: bool = False
     # Write the Hugging Face model to <run_dir>/export at the end (benchmarks skip it).
     export: bool = True

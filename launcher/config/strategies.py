@@ -10,7 +10,7 @@ format.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,14 @@ STRATEGIES: Dict[str, StrategySpec] = {
     )
 }
 STRATEGY_NAMES: Tuple[str, ...] = tuple(STRATEGIES)
+
+
+def needs_cpu_collectives(strategy_cfg: Any, device_type: str) -> bool:
+    """FSDP2 with CPU offload on GPUs: gradients live on the host and their norm is reduced there, so the process
+    group needs gloo for CPU tensors beside NCCL (decided before any torch import)."""
+    offload = bool(strategy_cfg.offload_params or strategy_cfg.offload_optimizer)
+    spec = STRATEGIES.get(strategy_cfg.name)
+    return spec is not None and spec.engine == "fsdp2" and offload and device_type == "cuda"
 
 
 def strategy_spec(name: str) -> StrategySpec:

@@ -42,7 +42,7 @@ def validate(cfg: Mapping[str, Any]) -> str:
 
 def check_interpolations(unresolved: Mapping[str, Any]) -> None:
     """Environment interpolations would write the variable's value (often a secret) into config.yaml and job.sh."""
-    for field, value in _walk(unresolved):
+    for field, value in _walk_keys_and_values(unresolved):
         if isinstance(value, str) and re.search(r"\$\{\s*oc\.env\s*:", value):
             raise ConfigError(
                 field, value, "no ${oc.env:...} interpolations (they write the variable's value into files)",
@@ -83,16 +83,6 @@ def _dataclass_of(hint: Any) -> type | None:
         return next((arg for arg in typing.get_args(hint) if dataclasses.is_dataclass(arg)), None)
     return None
 
-
-def _walk(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    if isinstance(node, Mapping):
-        for key, value in node.items():
-            yield from _walk(value, f"{prefix}.{key}" if prefix else str(key))
-    elif isinstance(node, (list, tuple)):
-        for index, value in enumerate(node):
-            yield from _walk(value, f"{prefix}[{index}]")
-    else:
-        yield prefix, node
 
 
 def _check_safety(cfg: Mapping[str, Any]) -> None:

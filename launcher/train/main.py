@@ -60,7 +60,7 @@ def run(run_dir: str | Path) -> int:
 
     from launcher.train import distributed as D
     from launcher.train.preflight import PreflightError
-    from launcher.train.strategies.fsdp import needs_cpu_collectives
+    from launcher.config.strategies import needs_cpu_collectives
 
     # distributed.setup reads the cluster section as a mapping.
     cluster = asdict(cfg.cluster) if cfg.cluster is not None else None

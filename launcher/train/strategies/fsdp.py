@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
+from launcher.config.strategies import needs_cpu_collectives
 from launcher.train.strategies import dcp
 from launcher.train.strategies.base import build_optimizer_and_scheduler
 
@@ -40,12 +41,6 @@ def decoder_layers(model: torch.nn.Module) -> List[torch.nn.Module]:
             "use strategy=zero3 for this model"
         )
     return layers
-
-
-def needs_cpu_collectives(strategy_cfg: Any, device_type: str) -> bool:
-    """FSDP2 with CPU offload on GPUs: gradients live on the host and their norm is reduced there."""
-    offload = bool(strategy_cfg.offload_params or strategy_cfg.offload_optimizer)
-    return strategy_cfg.name == "fsdp" and offload and device_type == "cuda"
 
 
 class FSDPStrategy(dcp.TorchNativeStrategy):
