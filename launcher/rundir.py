@@ -83,10 +83,6 @@ def run_dir(output_dir: str, run_name: str) -> Path:
     return Path(output_dir).expanduser().absolute() / run_name
 
 
-def step_dir(run: Path, step: int) -> Path:
-    return Path(run) / CHECKPOINTS_DIR / f"step-{step}"
-
-
 def attempt_log(run: Path, attempt: int | str) -> Path:
     return Path(run) / LOGS_DIR / f"attempt-{attempt}.log"
 
@@ -206,19 +202,6 @@ def last_complete_step(run: Path) -> Optional[int]:
     except (FileNotFoundError, NotADirectoryError):
         return None
     return max(steps) if steps else None
-
-
-def read_config_yaml(run: Path) -> Optional[Dict[str, Any]]:
-    """config.yaml as a plain dict (PyYAML, no schema); None when absent, half-written or not a mapping."""
-    import yaml  # PyYAML, a dependency of omegaconf
-
-    if not is_regular_file(Path(run) / CONFIG_FILE):
-        return None
-    try:
-        data = yaml.load((Path(run) / CONFIG_FILE).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    except Exception:  # noqa: BLE001 - absent, unreadable or not YAML: callers show the run as unreadable
-        return None
-    return data if isinstance(data, dict) else None
 
 
 # -- hangs and faulty nodes (launcher/train/watchdog.py, slurm_templates/common_teardown.sh; docs/hangs.md) ---------

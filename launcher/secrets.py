@@ -70,7 +70,3 @@ def secret_in_value(value: str) -> Optional[str]:
     if _high_entropy(value):
         return "it contains a long random-looking string"
     return None
-
-
-def looks_like_token(value: str) -> bool:
-    return secret_in_value(value) is not None

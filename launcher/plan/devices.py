@@ -53,3 +53,9 @@ def get_device(name: str, *, memory_bytes: int | None = None) -> Device:
         allowed = ", ".join(sorted(DEVICES))
         raise ValueError(f"unknown device {name!r}; allowed: {allowed}") from None
     return device if memory_bytes is None else replace(device, memory_bytes=memory_bytes)
+
+
+def planner_assumes_flash(device_name: str | None) -> bool:
+    """THE memory plan's attention assumption: PyTorch SDPA takes the flash / memory-efficient kernels on every GPU
+    device (the preflight's attention probe checks it there), the math path on CPU. No profile counts as a GPU."""
+    return device_name != "cpu"

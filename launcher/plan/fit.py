@@ -12,13 +12,8 @@ from launcher.errors import ConfigError
 from launcher.plan import ModelShape, StrategyFit, format_strategy_table, get_device, plan_strategies
 from launcher.plan.billing import job_memory, memory_gb
 from launcher.plan.devices import GIB, Device
+from launcher.plan.devices import planner_assumes_flash  # noqa: F401 (the plan's assumption, re-exported)
 from launcher.plan.host import JOB_LOW_MEMORY_LOAD, HostPlan, plan_host
-
-
-def planner_assumes_flash(device_name: str | None) -> bool:
-    """THE memory plan's attention assumption: PyTorch SDPA takes the flash / memory-efficient kernels on every GPU
-    device (the preflight's attention probe checks it there), the math path on CPU. No profile counts as a GPU."""
-    return device_name != "cpu"
 
 
 def strategy_fits(cfg: LauncherConfig, world_size: int) -> Tuple[List[StrategyFit], Device]:

@@ -296,13 +296,7 @@ def probe_attention(device: Any, model_cfg: Optional["ModelConfig | Mapping[str,
 # What it means (pure: tests feed fabricated probes)
 
 
-def planner_assumes_flash(cluster_device: Optional[str]) -> bool:
-    """The memory plan's assumption for ``cluster.device``: flash attention on every GPU device
-    (``launcher.plan.fit.strategy_fits``; ``launcher.plan.summary.planned_attention`` says it in the dry run).
-
-    No profile (a local run, which prints no plan) counts as a GPU one: a GPU run is expected to use flash there too.
-    """
-    return cluster_device != "cpu"
+from launcher.plan.devices import planner_assumes_flash  # noqa: E402,F401 (THE assumption; re-exported)
 
 
 def _fallback_hint(probe: AttentionProbe) -> str:
