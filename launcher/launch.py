@@ -66,12 +66,34 @@ def _launch_cluster(cfg: LauncherConfig) -> LaunchResult:
     check_fits(cfg, plan.world_size)
     check_no_active_job(plan.run_dir, plan.run_name)
     write_config(plan.run_dir, dataclasses.replace(cfg, output_dir=str(plan.run_dir.parent)))
+    cfg, plan, script = _wait_for_prepare_job(cfg, plan, script)
     write_script(plan.run_dir, script)
     job = submit(cfg, plan)
     print(f"launcher: submitted job {job.job_id}\n{cluster_summary(cfg, plan)}")
     print(f"  follow      python -m launcher.status logs --follow {plan.run_dir}")
     print(f"  status      python -m launcher.status {plan.run_dir.parent}")
+    if cfg.train.evaluate_after:
+        _submit_evaluation(cfg, plan, str(job.job_id))
     return LaunchResult(0, str(plan.run_dir), "submitted", str(job.job_id))
+
+
+def _submit_evaluation(cfg: LauncherConfig, plan: JobPlan, after: str) -> None:
+    """train.evaluate_after=true: the evaluation job, queued behind the training job (afterok)."""
+    from launcher.rundir import EVAL_DIR
+    from launcher.slurm.submit import submit_evaluation
+
+    job = submit_evaluation(cfg, plan, after)
+    print(f"launcher: submitted evaluation job {job.job_id} (starts after job {after} completes; results in "
+          f"{plan.run_dir / EVAL_DIR})")
+
+
+def _wait_for_prepare_job(cfg: LauncherConfig, plan: JobPlan, script: str) -> tuple[LauncherConfig, JobPlan, str]:
+    """Large data without its tokenized cache: a CPU prepare job first, and this job waits for it (afterok) instead of
+    holding its GPUs while rank 0 tokenizes (launcher/prepare/slurm.py; docs/data.md)."""
+    from launcher.prepare.slurm import dependency_for, with_dependency
+
+    job_id = dependency_for(cfg)
+    return (cfg, plan, script) if job_id is None else _plan_and_render(with_dependency(cfg, job_id))
 
 
 def _home_warning(cfg: LauncherConfig, plan: JobPlan) -> Optional[str]:
@@ -110,4 +132,8 @@ def _launch_local(cfg: LauncherConfig) -> LaunchResult:
         return LaunchResult(0, str(run_dir), "dry run")
     write_config(run_dir, dataclasses.replace(cfg, output_dir=str(run_dir.parent)))
     code = run_local(cfg, run_dir)
+    if code == 0 and cfg.train.evaluate_after:
+        from launcher.evaluate import main as evaluate
+
+        code = evaluate([str(run_dir)])
     return LaunchResult(code, str(run_dir), "trained locally" if code == 0 else f"local run exited {code}")

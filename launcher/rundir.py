@@ -9,7 +9,9 @@ Imported by every side (login node, job, status, scaling report) and rendered in
       metrics.jsonl               one JSON object per line: train steps, eval, checkpoint events
       checkpoints/step-<N>/       one checkpoint; complete only once COMPLETE (with its file manifest) exists;
       checkpoints/step-<N>.tmp/   being written (renamed when complete)
-      export/                     the Hugging Face model (or LoRA adapter) at the end
+      export/                     the Hugging Face model (or LoRA adapter) at the end; export/merged/: merged LoRA
+      eval/                       launcher.evaluate's results (<name>.json) and their table (README.md)
+      generations.jsonl           launcher.generate's prompt -> completion records
       logs/attempts.log           one line per attempt start / requeue (written by the batch script)
       logs/attempt-<N>.log        rank 0's output of attempt N
       slurm/                      submitit's folder: <job>_<task>_log.out|err, <job>_submitted.pkl, ...
@@ -34,8 +36,20 @@ COMPLETE_MARKER = "COMPLETE"
 STEP_DIR_RE = re.compile(r"^step-(\d+)$")
 TMP_SUFFIX = ".tmp"
 EXPORT_DIR = "export"
+# Inside the export of a LoRA run: the adapter merged into a standalone model (peft.merge_on_export=true, or
+# python -m launcher.export RUN_DIR --merge). Inside, not beside: a new export replaces it, so it is never stale.
+MERGED_DIR = "merged"
+# python -m launcher.evaluate RUN_DIR: <run_dir>/eval/<name>.json per evaluation and eval/README.md (the table).
+EVAL_DIR = "eval"
+EVAL_TABLE = "README.md"
+# The follow-up evaluation job's submitit folder (train.evaluate_after): not slurm/, whose jobs are the training's.
+EVAL_SLURM_DIR = f"{EVAL_DIR}/slurm"
+# python -m launcher.generate RUN_DIR: prompt -> completion records (JSON Lines), appended.
+GENERATIONS_FILE = "generations.jsonl"
 LOGS_DIR = "logs"
 ATTEMPTS_LOG = f"{LOGS_DIR}/attempts.log"
+# Nodes the batch script resubmitted the job without (one "host reason" line each; docs/hangs.md).
+EXCLUDED_NODES_FILE = f"{LOGS_DIR}/excluded_nodes"
 SLURM_DIR = "slurm"
 REQUEUE_MARKER = ".requeue_requested"
 PREFLIGHT_FILE = "preflight.json"
@@ -58,6 +72,8 @@ ENV_RUN_DIR = "LAUNCHER_RUN_DIR"
 ENV_ATTEMPT = "LAUNCHER_ATTEMPT"
 ENV_MAX_REQUEUES = "LAUNCHER_MAX_REQUEUES"
 ENV_SIGNAL_LEAD_S = "LAUNCHER_SIGNAL_LEAD_S"
+ENV_MAX_EXCLUSIONS = "LAUNCHER_MAX_NODE_EXCLUSIONS"
+ENV_JOB_END = "LAUNCHER_JOB_END_EPOCH"  # when Slurm ends this attempt (seconds since the epoch; 0: unknown)
 
 # Rendezvous port from the job id: two jobs sharing a node never collide, and it stays below the ephemeral range.
 MASTER_PORT_BASE = 10000
@@ -68,6 +84,8 @@ TEMPLATE_VALUES: Dict[str, str] = {
     "requeue_marker": REQUEUE_MARKER,
     "logs_dir": LOGS_DIR,
     "attempts_log": ATTEMPTS_LOG,
+    "excluded_nodes": EXCLUDED_NODES_FILE,
+    "slurm_dir": SLURM_DIR,
     "master_port_base": str(MASTER_PORT_BASE),
     "master_port_span": str(MASTER_PORT_SPAN),
 }
@@ -81,6 +99,25 @@ def master_port(job_id: str) -> int:
 def run_dir(output_dir: str, run_name: str) -> Path:
     """<output_dir>/<run_name>, absolute: the job may start in another directory."""
     return Path(output_dir).expanduser().absolute() / run_name
+
+
+def read_excluded_nodes(run: Path) -> List[str]:
+    """The hosts the batch script excluded after a fault of this run (first word of each line), in order."""
+    try:
+        lines = (Path(run) / EXCLUDED_NODES_FILE).read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    return [line.split()[0] for line in lines if line.strip()]
+
+
+def attempt_number(environ: Optional[Mapping[str, str]] = None) -> int:
+    """This attempt's number: the batch script's LAUNCHER_ATTEMPT (counted over the run's life), else Slurm's restart
+    count + 1, else 1."""
+    env = os.environ if environ is None else environ
+    try:
+        return int(env.get(ENV_ATTEMPT) or int(env.get("SLURM_RESTART_COUNT", "0")) + 1)
+    except ValueError:
+        return 1
 
 
 def attempt_log(run: Path, attempt: int | str) -> Path:

@@ -19,6 +19,17 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 from launcher.config.strategies import STRATEGY_NAMES as STRATEGIES  # noqa: E402
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:
+    """Under xdist (``-n 2 --dist loadgroup``, as .ci/run runs): every test that submits to the local Slurm runs on
+    the same worker, in file order, so their jobs never compete for its nodes or race their module fixtures; the
+    other worker runs the CPU tests meanwhile. Without xdist the marker does nothing."""
+    for item in items:
+        if item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
+
+
 # One tiny setup for every training test: 2 ranks x 4 sequences x 2 accumulation steps of 32 tokens per step.
 BASE_OVERRIDES = [
     "model=tiny", "data=corpus", "train.seq_len=32", "train.micro_batch_size=4", "train.grad_accum=2",

@@ -305,11 +305,11 @@ def test_second_call_hits_the_cache(tmp_path, tokenizer, monkeypatch):
     def must_not_tokenize(*args, **kwargs):
         raise AssertionError("tokenized again")
 
-    monkeypatch.setattr(data_mod, "_tokenize_splits", must_not_tokenize)
+    monkeypatch.setattr(data_mod, "_build_cache", must_not_tokenize)
     second = prepare(cfg, tokenizer, tmp_path)
     assert second.from_cache and second.cache_dir == first.cache_dir
     assert (first.cache_dir / "meta.json").stat().st_mtime_ns == meta_mtime
-    assert np.array_equal(first.train.input_ids, second.train.input_ids)
+    assert np.array_equal(first.train.tokens, second.train.tokens)
     other_rank = prepare(cfg, tokenizer, tmp_path, is_main=False)  # non-main ranks only ever read
     assert other_rank.from_cache and len(other_rank.train) == len(first.train)
     monkeypatch.undo()
@@ -341,7 +341,7 @@ def test_other_ranks_wait_for_rank_zero(tmp_path, tokenizer):
     for t in threads:
         t.join()
     assert not results[0].from_cache and results[1].from_cache
-    assert np.array_equal(results[0].train.input_ids, results[1].train.input_ids)
+    assert np.array_equal(results[0].train.tokens, results[1].train.tokens)
     with pytest.raises(FileNotFoundError, match="all nodes share"):
         prepare(data_cfg(EXAMPLES_DIR / "reviews.csv"), tokenizer, tmp_path / "empty", is_main=False)
 

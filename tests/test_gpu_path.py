@@ -18,17 +18,18 @@ pytest.importorskip("torch")
 
 from launcher.plan.memory import estimate_memory  # noqa: E402
 from launcher.train import distributed as D  # noqa: E402
+from launcher.train.topology import prepare_environment  # noqa: E402
 from launcher.train.metrics import StepWindow  # noqa: E402
 from login_helpers import LEONARDO_ACCOUNT, REPO, config  # noqa: E402
 
-LUMI = {"visible_devices_var": "ROCR_VISIBLE_DEVICES"}
+LUMI = "ROCR_VISIBLE_DEVICES"  # the LUMI profile's cluster.visible_devices_var
 SLURM_TASK = {"SLURM_PROCID": "13", "SLURM_LOCALID": "5", "SLURM_NTASKS": "16", "SLURM_NTASKS_PER_NODE": "8",
               "MASTER_ADDR": "nid005001", "MASTER_PORT": "12345", "SLURM_JOB_ID": "4242"}
 
 
 def test_deepspeed_sees_local_rank_0_when_lumi_leaves_one_gcd_per_process() -> None:
     environ = dict(SLURM_TASK)
-    topo, single = D.prepare_environment(LUMI, environ)
+    topo, single = prepare_environment(LUMI, environ)
     assert single and topo.local_rank == 5
     # DeepSpeed's engine and zero.Init call set_device(int(LOCAL_RANK)): with one visible GCD only 0 exists.
     assert environ["LOCAL_RANK"] == "0"
@@ -38,7 +39,7 @@ def test_deepspeed_sees_local_rank_0_when_lumi_leaves_one_gcd_per_process() -> N
 
 def test_local_rank_stays_the_node_rank_when_the_process_sees_every_gpu() -> None:
     environ = dict(SLURM_TASK, CUDA_VISIBLE_DEVICES="0,1,2,3")  # Leonardo: Slurm's --gpus-per-node binding
-    topo, single = D.prepare_environment({"visible_devices_var": None}, environ)
+    topo, single = prepare_environment(None, environ)
     assert not single and environ["LOCAL_RANK"] == "5" == str(topo.local_rank)
 
 

@@ -109,7 +109,8 @@ def test_the_batch_script_and_the_job_derive_the_same_rendezvous_port(tmp_path) 
     from launcher.slurm.render import read_template
 
     assert all(shlex.quote(value) == value for value in TEMPLATE_VALUES.values())  # safe inside quotes
-    line = next(line for line in read_template("common_setup.sh", run_dir=tmp_path, max_requeues=1, signal_lead_s=1)
+    line = next(line for line in read_template("common_setup.sh", run_dir=tmp_path, max_requeues=1, max_node_exclusions=1,
+                                                      signal_lead_s=1)
                 if line.startswith("export MASTER_PORT="))
     for job_id in ("123456", "9999", "40000"):
         out = subprocess.run(["bash", "-c", f"{line}; echo $MASTER_PORT"], env={"SLURM_JOB_ID": job_id},
@@ -199,3 +200,12 @@ def test_lumi_miopen_cache_is_removed_at_the_end_only_if_the_job_created_it(tmp_
             import shutil
 
             shutil.rmtree(cache)
+
+
+def test_nodes_a_fault_excluded_stay_excluded_when_the_run_is_resubmitted(tmp_path):
+    overrides = [*CASES["leonardo_1gpu.sh"], f"output_dir={tmp_path}", "run_name=r", "cluster.exclude_nodes=lrdn0001"]
+    assert "#SBATCH --exclude=lrdn0001\n" in rendered(overrides)
+    excluded = tmp_path / "r" / "logs" / "excluded_nodes"
+    excluded.parent.mkdir(parents=True)
+    excluded.write_text("lrdn0042 rank 3: hang at step 5\nlrdn0001 preflight: slow all-reduce\n")
+    assert "#SBATCH --exclude=lrdn0001,lrdn0042\n" in rendered(overrides)

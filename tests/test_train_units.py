@@ -14,6 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from launcher.train import distributed as D  # noqa: E402
+from launcher.train import topology as T  # noqa: E402
 from launcher.train.checkpoint import (  # noqa: E402
     COMPLETE, STATE_FILE, CheckpointManager, config_hash, training_config,
 )
@@ -30,11 +31,11 @@ from launcher.train.schedule import WarmupCosine  # noqa: E402
      ("a01,b02", "a01"), ("gpu[12-13],cpu[1-2]", "gpu12"), ("node[7]", "node7")],
 )
 def test_first_host_of_a_slurm_nodelist(nodelist: str, first: str) -> None:
-    assert D.first_host(nodelist) == first
+    assert T.first_host(nodelist) == first
 
 
 def test_topology_from_torchrun_variables() -> None:
-    topo = D.topology_from_env({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "MASTER_ADDR": "h",
+    topo = T.topology_from_env({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "MASTER_ADDR": "h",
                                 "MASTER_PORT": "1234", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"})
     assert (topo.rank, topo.local_rank, topo.world_size, topo.master_addr, topo.master_port, topo.source) == (
         3, 1, 4, "h", 1234, "torchrun")
@@ -43,37 +44,61 @@ def test_topology_from_torchrun_variables() -> None:
 def test_topology_from_slurm_uses_the_batch_scripts_rendezvous() -> None:
     env = {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8", "SLURM_JOB_ID": "123456",
            "SLURM_JOB_NODELIST": "nid[001-002]", "MASTER_ADDR": "nid001", "MASTER_PORT": "23456"}
-    topo = D.topology_from_env(env)
+    topo = T.topology_from_env(env)
     assert (topo.rank, topo.local_rank, topo.world_size, topo.master_addr, topo.master_port, topo.source) == (
         5, 1, 8, "nid001", 23456, "slurm")
 
 
 def test_topology_from_slurm_without_master_falls_back_to_the_nodelist(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(D.shutil, "which", lambda name: None)  # no scontrol inside a container
+    monkeypatch.setattr(T.shutil, "which", lambda name: None)  # no scontrol inside a container
     env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "987654", "SLURM_JOB_NODELIST": "lrdn[0042-0043]"}
-    topo = D.topology_from_env(env)
+    topo = T.topology_from_env(env)
     # The batch script's rule (slurm_templates/common_setup.sh), from launcher.rundir.
     assert topo.master_addr == "lrdn0042" and topo.master_port == 10000 + 987654 % 10000
 
 
 def test_a_single_process_is_a_world_of_one() -> None:
-    topo = D.topology_from_env({})
+    topo = T.topology_from_env({})
     assert (topo.rank, topo.world_size, topo.source) == (0, 1, "single") and topo.master_port > 0
 
 
 def test_visible_devices_var_is_set_per_task_but_slurms_cuda_binding_is_kept() -> None:
     env: dict = {}
-    assert D.select_visible_device({"visible_devices_var": "ROCR_VISIBLE_DEVICES"}, 3, env)
+    assert T.select_visible_device("ROCR_VISIBLE_DEVICES", 3, env)
     assert env == {"ROCR_VISIBLE_DEVICES": "3"}
     env = {"ROCR_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}
-    D.select_visible_device({"visible_devices_var": "ROCR_VISIBLE_DEVICES"}, 5, env)
+    T.select_visible_device("ROCR_VISIBLE_DEVICES", 5, env)
     assert env["ROCR_VISIBLE_DEVICES"] == "5"
     env = {"CUDA_VISIBLE_DEVICES": "2", "SLURM_JOB_ID": "1"}
-    assert D.select_visible_device({"visible_devices_var": "CUDA_VISIBLE_DEVICES"}, 1, env)
+    assert T.select_visible_device("CUDA_VISIBLE_DEVICES", 1, env)
     assert env["CUDA_VISIBLE_DEVICES"] == "2"
     env = {"CUDA_VISIBLE_DEVICES": "0,1,2,3"}
-    assert not D.select_visible_device({"visible_devices_var": None}, 1, env)
+    assert not T.select_visible_device(None, 1, env)
     assert env["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"
+
+
+@pytest.mark.parametrize("environ, tasks", [
+    ({"SLURM_NTASKS_PER_NODE": "8"}, 8),
+    ({"SLURM_TASKS_PER_NODE": "4(x2)", "SLURM_NODEID": "1"}, 4),  # --ntasks=8 over 2 nodes, no --ntasks-per-node
+    ({"SLURM_TASKS_PER_NODE": "8(x2),4", "SLURM_NODEID": "2"}, 4),
+    ({}, None),
+])
+def test_tasks_on_this_node_reads_slurms_per_node_counts(environ: dict, tasks: int) -> None:
+    assert T.tasks_on_this_node(environ) == tasks
+    env = dict(environ, SLURM_PROCID="0", SLURM_NTASKS="16", MASTER_ADDR="h", MASTER_PORT="1")
+    T.prepare_environment(None, env)
+    assert env["LOCAL_WORLD_SIZE"] == str(tasks or 16)  # before: the world size on every multi-node job
+
+
+def test_collective_timeout_stays_below_the_walltime_left() -> None:
+    full = max(D.COLLECTIVE_TIMEOUT_S, D.INIT_TIMEOUT_S)
+    assert D.collective_timeout_s({}, now=1000.0) == full  # no time limit known
+    assert D.collective_timeout_s({"LAUNCHER_JOB_END_EPOCH": "0"}, now=1000.0) == full
+    left = {"LAUNCHER_JOB_END_EPOCH": str(1000 + 900), "LAUNCHER_SIGNAL_LEAD_S": "300"}
+    assert D.collective_timeout_s(left, now=1000.0) == 600  # 900 s left, 300 s of them for the final save
+    close = {"LAUNCHER_JOB_END_EPOCH": str(1000 + 200), "LAUNCHER_SIGNAL_LEAD_S": "300"}
+    assert D.collective_timeout_s(close, now=1000.0) == D.MIN_COLLECTIVE_TIMEOUT_S
+    assert D.collective_timeout_s({"LAUNCHER_JOB_END_EPOCH": "900"}, now=1000.0) == full  # in the past: unknown
 
 
 def test_stop_signals_only_set_the_flag() -> None:

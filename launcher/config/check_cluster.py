@@ -28,7 +28,7 @@ _OWN_SBATCH = ("job-name", "partition", "time", "nodes", "ntasks-per-node", "cpu
                "exclude", "wrap")
 _CLUSTER_NUMBERS = {
     "gpus_per_node": (0, None, True), "cpus_per_node": (1, None, True), "cpus_per_task": (1, None, True),
-    "signal_lead_s": (0, None, True), "max_requeues": (0, None, True), "gpus_per_billing_gpu": (1, None, True),
+    "signal_lead_s": (0, None, True), "max_requeues": (0, None, True), "max_node_exclusions": (0, None, True), "gpus_per_billing_gpu": (1, None, True),
     "billing_cores_per_gpu": (1, None, True), "billing_mem_gb_per_gpu": (0, None, False),
     "expected_busbw_gbps": (0, None, False), "gpus_per_node_requested": (0, None, True),
     "tasks_per_node": (1, None, True),

@@ -33,7 +33,26 @@ def check_inputs(cfg: Mapping[str, Any]) -> str:
         if not any((path / name).is_file() for name in needs):
             raise ConfigError(f"model.{key}", value, f"a Hugging Face directory holding {' or '.join(needs)} "
                                                      "(save_pretrained writes it)")
+    check_epochs(cfg["train"], cfg["data"])
     return check_data(cfg["data"])
+
+
+def check_epochs(train: Mapping[str, Any], data: Mapping[str, Any]) -> None:
+    """train.epochs sets max_steps: both at once would leave one ignored. "Set" for max_steps means changed from the
+    schema's default (a YAML group that sets it, such as training=benchmark, counts as setting it)."""
+    from launcher.config.schema import TrainConfig
+
+    epochs = train.get("epochs")
+    if epochs is None:
+        return
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ConfigError("train.epochs", epochs, "a whole number of passes, at least 1, or null to use max_steps")
+    if train["max_steps"] != TrainConfig.max_steps:
+        raise ConfigError("train.epochs", epochs, f"not together with train.max_steps={train['max_steps']}: "
+                                                  "train.epochs sets max_steps", "drop one of the two")
+    if data.get("sources"):
+        raise ConfigError("train.epochs", epochs, "a single data.path: a mixture (data.sources) draws by weight and "
+                                                  "has no epochs", "set train.max_steps instead")
 
 
 def _check_hub_id(cfg: Mapping[str, Any], key: str, value: Any) -> bool:
@@ -57,27 +76,46 @@ def _check_hub_id(cfg: Mapping[str, Any], key: str, value: Any) -> bool:
 
 
 def check_data(data: Mapping[str, Any]) -> str:
+    """data.path (or each of data.sources) and the tokenizing settings; returns the data format."""
+    workers = data.get("num_workers")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ConfigError("data.num_workers", workers, "a number of processes, at least 1, or null for the job's cores")
+    if not data.get("sources"):
+        return _check_path("data.path", data["path"], data["format"])
+    formats = set()
+    for i, source in enumerate(data["sources"]):
+        weight = source.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+            raise ConfigError(f"data.sources[{i}].weight", weight, "a number above 0 (weights need not sum to 1)")
+        formats.add(_check_path(f"data.sources[{i}].path", source.get("path"), data["format"]))
+    packed = formats <= {"text", "jsonl_text"}
+    if len(formats) > 1 or not packed:
+        raise ConfigError("data.sources", [s.get("path") for s in data["sources"]],
+                          f"packed data of one format (text or jsonl_text), not {sorted(formats)}")
+    return formats.pop()
+
+
+def _check_path(name: str, raw: Any, fmt: Optional[str]) -> str:
     from launcher.train.data_formats import resolve_data_files, validate_data_file
 
-    raw = data["path"]
     path = Path(str(raw)).expanduser()
-    if not str(raw).strip() or not path.exists():
-        raise ConfigError("data.path", raw, "an existing file or directory of data files")
+    if raw is None or not str(raw).strip() or not path.exists():
+        raise ConfigError(name, raw, "an existing file or directory of data files")
     try:
         files = resolve_data_files(path)
     except (ValueError, OSError) as error:
-        raise ConfigError("data.path", str(path), f"a file or a directory holding data files ({error})") from None
+        raise ConfigError(name, str(path), f"a file or a directory holding data files ({error})") from None
     for file in files:
         problem = _not_text(file)
         if problem:
-            raise ConfigError("data.path", str(file), f"a non-empty text file ({problem})")
+            raise ConfigError(name, str(file), f"a non-empty text file ({problem})")
     try:
-        summary = validate_data_file(path, data["format"], max_records=RECORDS_CHECKED)
+        summary = validate_data_file(path, fmt, max_records=RECORDS_CHECKED)
     except ConfigError:
         raise
     except (ValueError, OSError, UnicodeDecodeError) as error:
-        allowed = "records of the format: " + (data["format"] or "detected from the first record")
-        raise ConfigError("data.path", str(path), f"{allowed}; {error}") from None
+        allowed = "records of the format: " + (fmt or "detected from the first record")
+        raise ConfigError(name, str(path), f"{allowed}; {error}") from None
     return summary.format
 
 

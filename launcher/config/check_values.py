@@ -5,10 +5,12 @@ Each failure is a ConfigError naming the field, the value and what is allowed. L
 
 from __future__ import annotations
 
+import importlib.util
 import math
-from typing import Any, Mapping, Optional
+import sys
+from typing import Any, Callable, Mapping, Optional
 
-from launcher.config.schema import DATA_FORMATS, PEFT_METHODS
+from launcher.config.schema import DATA_FORMATS, PEFT_METHODS, TRACKERS
 from launcher.config.strategies import STRATEGIES, STRATEGY_NAMES
 from launcher.errors import ConfigError
 
@@ -22,7 +24,7 @@ _TRAIN_RANGES: dict[str, tuple[Optional[float], Optional[float], bool]] = {
     "global_batch_size": (1, None, True), "save_every_minutes": (0, None, False), "keep_every": (1, None, True),
     "hang_timeout_s": (0, None, True), "straggler_every": (0, None, True), "straggler_ratio": (1, None, False),
     "debug_hang_at_step": (1, None, True), "debug_hang_rank": (0, None, True), "debug_slow_rank": (0, None, True),
-    "debug_slow_factor": (0, None, True),
+    "debug_slow_factor": (0, None, True), "debug_hang_attempts": (1, None, True),
 }
 _MODEL_RANGES = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
                  "max_position_embeddings")
@@ -60,6 +62,8 @@ def one_of(field: str, value: Any, allowed: tuple, hint: str = "") -> None:
 def check_training(cfg: Mapping[str, Any]) -> None:
     _check_strategy(cfg["strategy"])
     _check_peft(cfg["peft"], cfg["model"])
+    _check_qlora(cfg)
+    _check_trackers(cfg["train"])
     if cfg["data"]["format"] is not None:
         one_of("data.format", cfg["data"]["format"], DATA_FORMATS, "or null to detect it from the file")
     check_number("data.eval_fraction", cfg["data"]["eval_fraction"], 0, 1, True)
@@ -122,3 +126,83 @@ def _check_model(model: Mapping[str, Any], seq_len: int) -> None:
             "train.seq_len", seq_len,
             f"at most model.max_position_embeddings={model['max_position_embeddings']} for model {model['name']}",
         )
+
+
+# Why each strategy but ddp cannot hold a 4-bit base (docs/models.md, "QLoRA").
+_QLORA_REFUSED = {
+    "deepspeed": "DeepSpeed casts the module to bf16 and flattens (ZeRO-3: partitions) its parameters, which breaks "
+                 "bitsandbytes' packed 4-bit weights; and with a frozen 0.5 B/param base ZeRO has little to shard",
+    "fsdp2": "this launcher's fsdp is FSDP2 (fully_shard), and bitsandbytes' FSDP recipe (bnb_4bit_quant_storage) is "
+             "for FSDP1: 4-bit weights as DTensor shards are not supported by the pinned versions",
+}
+
+
+def _check_qlora(cfg: Mapping[str, Any]) -> None:
+    """peft=qlora where bitsandbytes can run it: ddp, a CUDA device it supports, a pretrained base, adapter export."""
+    if cfg["peft"]["name"] != "qlora":
+        return
+    from launcher.config.strategies import strategy_spec
+    from launcher.plan.memory import QLORA_DEVICES, QLORA_STRATEGIES
+
+    strategy = cfg["strategy"]["name"]
+    if strategy not in QLORA_STRATEGIES:
+        raise ConfigError("strategy.name", strategy, "ddp with peft=qlora (one or more GPUs, each with the whole "
+                          "4-bit model)", _QLORA_REFUSED.get(strategy_spec(strategy).engine, ""))
+    cluster = cfg.get("cluster")
+    if cluster:
+        if cluster["device"] not in QLORA_DEVICES:
+            raise ConfigError("cluster.device", cluster["device"], "a GPU bitsandbytes runs 4-bit on with peft=qlora: "
+                              + ", ".join(QLORA_DEVICES), "bitsandbytes' ROCm backend is not verified on LUMI's "
+                              "MI250X stack (and uses other block sizes): use peft=lora there")
+    else:
+        from launcher.local import visible_gpus
+
+        if not visible_gpus():
+            raise ConfigError("peft.name", "qlora", "a run with an NVIDIA GPU (bitsandbytes' 4-bit kernels)",
+                              "this machine has none: use peft=lora here, or +cluster=leonardo")
+    if cfg["model"]["pretrained"] is None and not cfg["dry_run"]:
+        raise ConfigError("model.pretrained", None, "a pretrained model with peft=qlora (a random base quantized to "
+                          "4 bits learns nothing)", "set model.pretrained=DIR or a Hub id; dry_run=true shows the plan")
+    if cfg["train"]["export"] and not cfg["dry_run"]:
+        raise ConfigError("train.export", True, "false with peft=qlora for now (the export rebuilds the base from "
+                          "the trained weights, which are packed 4-bit ones)", "set train.export=false: the adapter "
+                          "weights are in the checkpoints")
+    if cfg["peft"]["merge_on_export"]:
+        raise ConfigError("peft.merge_on_export", True, "false with peft=qlora (merging into a 4-bit base rounds "
+                          "the adapters away)", "merge the adapter into the bf16 base offline")
+
+
+def _check_trackers(train: Mapping[str, Any]) -> None:
+    trackers = list(train.get("trackers") or [])
+    for index, name in enumerate(trackers):
+        one_of(f"train.trackers[{index}]", name, TRACKERS)
+    if len(set(trackers)) != len(trackers):
+        raise ConfigError("train.trackers", trackers, "each tracker at most once")
+    uri = train.get("mlflow_tracking_uri")
+    if uri is not None and "mlflow" not in trackers:
+        raise ConfigError("train.mlflow_tracking_uri", uri, "only with mlflow in train.trackers",
+                          "add it: train.trackers=[mlflow]")
+    if uri is not None and not str(uri).strip():
+        raise ConfigError("train.mlflow_tracking_uri", uri, "a tracking URI (http://host:5000, file:/path) or null "
+                          "for a file store in the run directory")
+
+
+def check_packages(cfg: Mapping[str, Any], find: Callable[[str], Any] = importlib.util.find_spec) -> None:
+    """The optional packages the job imports (the trackers, bitsandbytes for qlora), checked where the login node can
+    see the job's Python: a local run, or a cluster job without a container that runs this interpreter. A container's
+    packages cannot be seen without starting the image: the job checks them first (exit 2, the same line)."""
+    from launcher.train.trackers import tracker_names  # stdlib only at import: the job's one rule
+
+    train = cfg["train"]
+    needed = [("train.trackers", name) for name in tracker_names(train.get("trackers") or [], train["tensorboard"])]
+    if cfg["peft"]["name"] == "qlora":
+        needed.append(("peft.name", "bitsandbytes"))
+    cluster = cfg.get("cluster") or {}
+    if not needed or cluster.get("container") or cluster.get("python"):
+        return
+    for field, package in needed:
+        if find(package) is None:
+            extra = {"bitsandbytes": "qlora"}.get(package, package)
+            raise ConfigError(field, package if field == "train.trackers" else "qlora",
+                              f"{package} installed in the Python that runs the job ({sys.executable})",
+                              f"pip install 'eurohpc-launcher[{extra}]' (or pip install {package})")

@@ -14,8 +14,11 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
-PEFT_METHODS = ("none", "lora")
+PEFT_METHODS = ("none", "lora", "qlora")
+# What train.trackers may name (each is also the package the job imports; docs/tracking.md).
+TRACKERS = ("tensorboard", "wandb", "mlflow")
 DATA_FORMATS = ("text", "jsonl_text", "instruction", "chat")
+TASKS = ("causal_lm", "classification")
 
 
 @dataclass
@@ -98,11 +101,17 @@ class ClusterConfig:
     # Seconds between Slurm's warning signal and the time limit: enough to finish a step and save.
     signal_lead_s: int = 300
     max_requeues: int = 5
+    # A hang or failed preflight that names a node resubmits the job without it, at most this many nodes per run.
+    max_node_exclusions: int = 2
     # Extra #SBATCH options (name without dashes -> value), for what the schema does not cover.
     sbatch_extra: Dict[str, str] = field(default_factory=dict)
     exclude_nodes: Optional[str] = None
     # All-reduce bus bandwidth the preflight expects (GB/s, nccl-tests' definition); None: no bandwidth check.
     expected_busbw_gbps: Optional[float] = None
+    # CPU-only partition for `python -m launcher.prepare` jobs (tokenizing); None: the profile's partition.
+    cpu_partition: Optional[str] = None
+    cpu_partition_cpus: int = 4  # cores a prepare job asks for
+    cpu_partition_mem_gb: float = 8.0  # the most memory a prepare job asks for
 
     @property
     def gpus_requested(self) -> int:
@@ -145,6 +154,14 @@ class ModelConfig:
 
 
 @dataclass
+class DataSource:
+    """One source of a mixture (``data.sources``): packed data drawn with probability weight / sum of weights."""
+
+    path: str = MISSING  # a local file or directory, as data.path
+    weight: float = 1.0
+
+
+@dataclass
 class DataConfig:
     name: str = "corpus"
     path: str = MISSING  # a local file (or directory of files)
@@ -153,6 +170,24 @@ class DataConfig:
     # Instruction and chat data: the loss covers only the response tokens unless this is true.
     train_on_prompt: bool = False
     cache_dir: Optional[str] = None  # tokenized cache; None: <output_dir>/.cache/tokenized
+    # A mixture of packed sources with weights (docs/data.md); when set it replaces data.path.
+    sources: List[DataSource] = field(default_factory=list)
+    # Tokenizing processes; None: the cores this process may use (a job's allocation), capped by the CPU count.
+    num_workers: Optional[int] = None
+    # Before reusing a cache, compare every file's full SHA-256 (the key only hashes size and first/last MiB).
+    verify: bool = False
+    # A +cluster GPU job whose cache is missing and whose data exceeds this many MB waits for a prepare job.
+    prepare_job_above_mb: float = 100.0
+
+
+@dataclass
+class TaskConfig:
+    """What the model learns (docs/tasks.md): next-token prediction, or one label per text (``conf/task/*.yaml``)."""
+
+    name: str = "causal_lm"  # one of TASKS
+    # Classification records (CSV columns or JSON Lines fields): the text and its label (a string or an integer).
+    text_field: str = "text"
+    label_field: str = "label"
 
 
 @dataclass
@@ -165,7 +200,7 @@ class StrategyConfig:
 
 @dataclass
 class PeftConfig:
-    name: str = "none"  # none | lora
+    name: str = "none"  # none | lora | qlora (a 4-bit NF4 base under the LoRA adapters: docs/models.md)
     r: int = 8
     alpha: int = 16
     dropout: float = 0.0
@@ -176,6 +211,8 @@ class PeftConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 200
+    # Passes over the tokenized train split: sets max_steps (exclusive with setting train.max_steps).
+    epochs: Optional[int] = None
     micro_batch_size: int = 8
     grad_accum: int = 1
     # Strong scaling: fix the global batch (sequences per optimizer step); grad_accum is then derived per world size.
@@ -191,16 +228,29 @@ class TrainConfig:
     save_every_minutes: Optional[float] = None
     keep_last: int = 2
     keep_every: Optional[int] = None
+    # Write checkpoints in the background (ddp, fsdp: DCP async_save; zero* save synchronously): the loop waits only
+    # for the copy into host memory. None: on when the job runs on GPUs, off on CPU (docs/checkpoints.md).
+    async_save: Optional[bool] = None
     eval_every: int = 50
     eval_batches: int = 4
     log_every: int = 10  # as conf/training/default.yaml: each log step is a host sync and an all-reduce
-    tensorboard: bool = False
+    tensorboard: bool = False  # the same as listing tensorboard in trackers (kept for older configs)
+    # Experiment trackers, any of TRACKERS, written by rank 0 into the run directory (docs/tracking.md).
+    trackers: List[str] = field(default_factory=list)
+    tracker_project: str = "eurohpc-launcher"  # the W&B project and the MLflow experiment
+    # None: a file store in <run_dir>/mlruns. Credentials come from the environment, never from the config.
+    mlflow_tracking_uri: Optional[str] = None
     # Write the Hugging Face model to <run_dir>/export at the end (benchmarks skip it).
     export: bool = True
+    # After training: python -m launcher.evaluate on the export (a follow-up Slurm job, --dependency=afterok on the
+    # training job, one device; locally right after training). Results in <run_dir>/eval/ (docs/inference.md).
+    evaluate_after: bool = False
     # Check devices, CPU binding, bandwidth and the network transport before training (docs/preflight.md).
     preflight: bool = True
     # Sleep this many seconds per step: only for tests of time limits and preemption.
     debug_step_sleep_s: float = 0.0
+    # Only for tests: each checkpoint write (ddp, fsdp) sleeps this long after its shards, before DCP's metadata.
+    debug_save_sleep_s: float = 0.0
     # Hangs and stragglers (docs/hangs.md). Seconds without a completed optimizer step before the watchdog dumps
     # every rank's stacks and exits with rundir.EXIT_HANG; None: derived (max(600, 20 x median step), more before
     # the first step and in saves); 0: off.
@@ -213,6 +263,7 @@ class TrainConfig:
     debug_hang_at_step: Optional[int] = None
     debug_hang_rank: Optional[int] = None
     debug_hang_in: str = "collective"  # collective | sleep
+    debug_hang_attempts: Optional[int] = None  # hang only in attempts 1..N (None: every attempt)
     # Only for tests: this rank sleeps debug_slow_factor x debug_step_sleep_s per step (a straggler).
     debug_slow_rank: Optional[int] = None
     debug_slow_factor: float = 1.0
@@ -241,6 +292,7 @@ class LauncherConfig:
     cluster: Optional[ClusterConfig] = None
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -16,7 +16,7 @@ from typing import Any, Iterator, Mapping
 
 from launcher.config.check_cluster import check_cluster
 from launcher.config.check_data import check_inputs
-from launcher.config.check_values import check_training
+from launcher.config.check_values import check_packages, check_training
 from launcher.config.schema import LauncherConfig
 from launcher.errors import ConfigError
 from launcher.secrets import is_secret_name, secret_in_value
@@ -37,7 +37,33 @@ def validate(cfg: Mapping[str, Any]) -> str:
         check_cluster(cfg["cluster"], nodes=cfg["nodes"])
     elif cfg["nodes"] != 1:
         raise ConfigError("nodes", cfg["nodes"], "1 for a local run", "add +cluster=NAME to use several nodes")
+    _check_task(cfg)
+    check_packages(cfg)
     return check_inputs(cfg)
+
+
+def _check_task(cfg: Mapping[str, Any]) -> None:
+    """task.name, and for classification the labelled records (text and label fields) before anything is queued."""
+    from launcher.config.check_values import one_of
+    from launcher.config.schema import TASKS
+
+    task = cfg.get("task") or {"name": "causal_lm"}
+    one_of("task.name", task["name"], TASKS)
+    if task["name"] != "classification":
+        return
+    from pathlib import Path
+
+    from launcher.config.check_data import RECORDS_CHECKED
+    from launcher.train.labelled_data import check_labelled_data
+
+    path = cfg["data"]["path"]
+    if not Path(str(path)).expanduser().exists():
+        raise ConfigError("data.path", path, "an existing CSV or JSON Lines file (or directory) of labelled records")
+    try:
+        check_labelled_data(Path(str(path)).expanduser(), task["text_field"], task["label_field"], RECORDS_CHECKED)
+    except (ValueError, OSError, UnicodeDecodeError) as error:
+        raise ConfigError("data.path", str(path), f"records with task.text_field={task['text_field']} and "
+                          f"task.label_field={task['label_field']}; {error}") from None
 
 
 def check_interpolations(unresolved: Mapping[str, Any]) -> None:

@@ -37,14 +37,16 @@ from pathlib import Path
 from typing import Any, Iterable, List, Optional, Sequence, Tuple
 
 from launcher.config.schema import ClusterConfig, ContainerConfig
-from launcher.rundir import ENV_ATTEMPT, ENV_MAX_REQUEUES, ENV_RUN_DIR, ENV_SIGNAL_LEAD_S
+from launcher.rundir import (
+    ENV_ATTEMPT, ENV_JOB_END, ENV_MAX_EXCLUSIONS, ENV_MAX_REQUEUES, ENV_RUN_DIR, ENV_SIGNAL_LEAD_S,
+)
 
 # Forwarded into the container by name, besides the keys of cluster.env.
 FORWARDED_ENV: Tuple[str, ...] = (
     # Rendezvous: computed in the batch shell, where scontrol exists.
     "MASTER_ADDR", "MASTER_PORT",
     # Run directory and requeue bookkeeping (slurm_templates/common_setup.sh).
-    ENV_RUN_DIR, ENV_ATTEMPT, ENV_MAX_REQUEUES, ENV_SIGNAL_LEAD_S,
+    ENV_RUN_DIR, ENV_ATTEMPT, ENV_MAX_REQUEUES, ENV_MAX_EXCLUSIONS, ENV_SIGNAL_LEAD_S, ENV_JOB_END,
     # Caches: Hugging Face on project/scratch storage, MIOpen node-local, compiled DeepSpeed/Triton ops.
     "HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "TORCH_HOME", "TORCH_EXTENSIONS_DIR", "TRITON_CACHE_DIR",
     "MIOPEN_USER_DB_PATH", "MIOPEN_CUSTOM_CACHE_DIR",
@@ -155,11 +157,10 @@ def _bind_lines(prefix: str, var: str, covered_patterns: str) -> List[str]:
     ]
     if covered_patterns:
         lines.append(f"    {covered_patterns}) ;;")
-    return lines + [
-        f'    *) export {prefix}_BIND="${{{prefix}_BIND:+${prefix}_BIND,}}${var}" ;;',
-        "  esac",
-        "fi",
-    ]
+    # Already in the list (a job resubmitted around a bad node inherits the first one's environment): keep it once.
+    lines.append(f'    *) case ",${{{prefix}_BIND:-}}," in *",${var},"*) ;; '
+                 f'*) export {prefix}_BIND="${{{prefix}_BIND:+${prefix}_BIND,}}${var}" ;; esac ;;')
+    return lines + ["  esac", "fi"]
 
 
 def setup_lines(container: ContainerConfig, env_names: Sequence[str], *,

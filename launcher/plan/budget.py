@@ -39,7 +39,7 @@ def estimate_budget(cfg: LauncherConfig, plan: JobPlan) -> Budget | None:
         shape = model_shape(cfg.model)
         peft = cfg.peft
         trainable = (shape.lora_params(peft.r, target_modules=tuple(peft.target_modules))
-                     if peft.name == "lora" else None)
+                     if peft.name in ("lora", "qlora") else None)
         peak = get_device(cfg.cluster.device).peak_bf16_tflops * 1e12
         per_device = budget.mfu * peak / flops_for_shape(shape, cfg.train.seq_len, trainable)
         source = f"assumed MFU {budget.mfu:.0%}"

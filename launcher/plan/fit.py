@@ -14,6 +14,7 @@ from launcher.plan.billing import job_memory, memory_gb
 from launcher.plan.devices import GIB, Device
 from launcher.plan.devices import planner_assumes_flash  # noqa: F401 (the plan's assumption, re-exported)
 from launcher.plan.host import JOB_LOW_MEMORY_LOAD, HostPlan, plan_host
+from launcher.plan.memory import qlora_quantized_params
 
 
 def strategy_fits(cfg: LauncherConfig, world_size: int) -> Tuple[List[StrategyFit], Device]:
@@ -25,7 +26,7 @@ def strategy_fits(cfg: LauncherConfig, world_size: int) -> Tuple[List[StrategyFi
         precision = "bf16" if on_gpu else "fp32"
     shape = model_shape(cfg.model)
     lora = None
-    if cfg.peft.name == "lora":
+    if cfg.peft.name in ("lora", "qlora"):
         try:
             lora = shape.lora_params(cfg.peft.r, target_modules=tuple(cfg.peft.target_modules))
         except ValueError as error:  # a module name the model does not have
@@ -37,6 +38,7 @@ def strategy_fits(cfg: LauncherConfig, world_size: int) -> Tuple[List[StrategyFi
         # Training uses PyTorch SDPA, which takes the flash / memory-efficient kernels on GPUs.
         flash_attention=planner_assumes_flash(device.name),
         offload_optimizer=cfg.strategy.offload_optimizer, offload_params=cfg.strategy.offload_params,
+        quantized_params=qlora_quantized_params(shape) if cfg.peft.name == "qlora" else 0,
     )
     budget = host_budget_bytes(cfg.cluster) if cfg.cluster else None
     if budget is not None:

@@ -9,7 +9,8 @@ checkpointing not counted:
     attention           12 * layers * hidden * seq_len   (QK^T and AV, forward + backward, no causal discount)
 
 N: the parameters that take part in matmuls, every parameter except the input embedding table (a lookup) unless it is
-tied to the output head, adapters included. Full training gives the familiar ``6N + 12 L H S``.
+tied to the output head, adapters included. Full training gives the familiar ``6N + 12 L H S``. A classifier
+(``ModelShape.num_labels``) has a hidden x num_labels head instead of the LM head, its embedding is always a lookup.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def flops_per_token(*, matmul_params: int, trainable_matmul_params: int, n_layer
 
 def flops_for_shape(shape: "ModelShape", seq_len: int, lora_params: Optional[int] = None) -> float:
     """The login node's count from the config's numbers; equal to the job's count of the built model."""
-    embedding = 0 if shape.tie_embeddings else shape.vocab_size * shape.hidden_size
+    embedding = 0 if shape.embedding_is_matmul else shape.vocab_size * shape.hidden_size
     base = shape.n_params() - embedding
     matmul = base + (lora_params or 0)
     trainable = matmul if lora_params is None else lora_params

@@ -6,12 +6,14 @@ on its accelerator; this says what the node's RAM must hold, which Slurm's cgrou
 
 Three terms per node, with R ranks on the node:
 
-* **load**: how many full copies of the model exist while it is built or read, in which dtype. ``LOAD_RULES`` is the
-  table, keyed by (engine, shards parameters, low-memory loading). Today (``JOB_LOW_MEMORY_LOAD = False``)
-  ``launcher/train/modeling.py`` builds or loads the full model in fp32 on CPU in every rank and only then does the
-  strategy cast, move and shard it: R x 4 B/param, whatever the strategy and the node count. When the job gains
-  low-memory loading (issue 15: meta device / ``deepspeed.zero.Init``), sharded strategies hold one copy per node in
-  the training precision and replicated ones load straight to the device; only the flag and the table change.
+* **load**: how many full copies of the model exist on the host while it is built or read, in which dtype.
+  ``LOAD_RULES`` is the table, keyed by (engine, shards parameters, low-memory loading). The job loads low-memory
+  (``JOB_LOW_MEMORY_LOAD = True``; each strategy's ``placement`` in ``launcher/train/strategies``): fsdp reads the full
+  weights on rank 0 alone, in the training precision, the other ranks build shapes on the meta device (plus one 1 GiB
+  fp32 chunk being broadcast, inside the allowance); zero3 builds under ``deepspeed.zero.Init`` and only rank 0 reads
+  the checkpoint; ddp/zero1/zero2 load straight onto their device. One copy per node at most (on the node of rank 0),
+  none for replicated strategies, whatever the node count. The ``False`` rows are the job before issue 15 (every rank
+  built the full model in fp32 on CPU: R x 4 B/param), kept to show what low-memory loading changed.
 * **steady**: during training, what lives on the host. With ``offload_optimizer`` / ``offload_params`` that is
   ``MemoryEstimate.offloaded`` per rank (fp32 master weights, Adam moments, gradient shards, parameter shards) times
   R, plus DeepSpeed's pinned staging buffers (``deepspeed_pinned_bytes``). On a CPU "device" everything is on the
@@ -32,9 +34,9 @@ from typing import Dict, Tuple
 from launcher.config.strategies import strategy_spec
 from launcher.plan.devices import GIB
 
-# What the job does today; set it to True (or read the job's config flag) when launcher/train/modeling.py gains
-# meta-device / zero.Init loading (issue 15). The planner, the dry run and the gate follow LOAD_RULES.
-JOB_LOW_MEMORY_LOAD = False
+# What the job does: every strategy's ``placement`` (launcher/train/strategies) builds low-memory since issue 15.
+# The planner, the dry run and the gate follow LOAD_RULES.
+JOB_LOW_MEMORY_LOAD = True
 
 RANK_ALLOWANCE_BYTES = 2 * GIB  # per rank: the process (python, torch, device runtime) and the dataloader
 
@@ -54,6 +56,7 @@ class LoadRule:
     how: str  # one line for the dry run and the gate's error
 
 
+# The job before issue 15 (low_memory_load=False): what the planner compares with.
 _TODAY = "every rank builds the full model in fp32 on CPU (launcher/train/modeling.py), then the strategy casts/shards"
 # (engine, shards parameters, low-memory loading) -> rule. Only this table and JOB_LOW_MEMORY_LOAD describe the job.
 LOAD_RULES: Dict[Tuple[str, bool, bool], LoadRule] = {
@@ -61,10 +64,12 @@ LOAD_RULES: Dict[Tuple[str, bool, bool], LoadRule] = {
     ("deepspeed", False, False): LoadRule("rank", "fp32", _TODAY),
     ("deepspeed", True, False): LoadRule("rank", "fp32", _TODAY),
     ("fsdp2", True, False): LoadRule("rank", "fp32", _TODAY),
-    ("ddp", False, True): LoadRule("none", "training", "each rank loads straight to its device in the training dtype"),
-    ("deepspeed", False, True): LoadRule("none", "training", "each rank loads straight to its device"),
-    ("deepspeed", True, True): LoadRule("node", "training", "zero.Init: one copy per node, read by one rank"),
-    ("fsdp2", True, True): LoadRule("node", "training", "meta device: one copy per node, broadcast as shards"),
+    ("ddp", False, True): LoadRule("none", "training", "each rank loads straight onto its device, no host copy"),
+    ("deepspeed", False, True): LoadRule("none", "training", "each rank loads straight onto its device, no host copy"),
+    ("deepspeed", True, True): LoadRule("node", "training", "zero.Init: rank 0 reads one copy, each rank keeps its "
+                                        "partition"),
+    ("fsdp2", True, True): LoadRule("node", "training", "rank 0 reads one copy, the others build on the meta device "
+                                    "and receive their shards"),
 }
 
 

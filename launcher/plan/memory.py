@@ -47,6 +47,35 @@ _PRECISIONS: dict[str, _Bytes] = {
     "fp32": _Bytes(param=4, grad=4, optim=8, act=4),
 }
 
+# QLoRA (peft=qlora): bitsandbytes NF4 stores 2 weights per byte in blocks of 64, each with an absmax; double
+# quantization stores those as 8-bit values with one fp32 absmax per 256 of them (Dettmers et al. 2023, "QLoRA" 3).
+NF4_BLOCKSIZE = 64
+NF4_DQ_BLOCKSIZE = 256
+NF4_BYTES_PER_PARAM = 0.5 + 1 / NF4_BLOCKSIZE + 4 / (NF4_BLOCKSIZE * NF4_DQ_BLOCKSIZE)  # 0.5159 (4.127 bits)
+# Where QLoRA runs (launcher.config.check_values refuses the rest, with the reasons of docs/models.md): ddp only (ZeRO
+# casts and partitions the 4-bit weights; our fsdp is FSDP2, which bitsandbytes' FSDP recipe does not cover), on the
+# CUDA devices bitsandbytes' wheels support (its ROCm backend is not verified on LUMI's MI250X stack).
+QLORA_STRATEGIES = ("ddp",)
+QLORA_DEVICES = ("a100_64gb", "h100_80gb")
+
+
+def nf4_bytes(n_params: int) -> int:
+    """Bytes of ``n_params`` weights in NF4 with double-quantized block constants."""
+    return int(-(-n_params * NF4_BYTES_PER_PARAM // 1))
+
+
+def qlora_quantized_params(shape: ModelShape) -> int:
+    """The weights bitsandbytes quantizes: every linear layer of the decoder (embeddings, lm_head and norms stay)."""
+    return shape.n_layers * (shape.layer_params() - 2 * shape.hidden_size)
+
+
+def _qlora_note(quantized: int, frozen: int, largest: int) -> str:
+    return (f"qlora: {quantized / 1e9:.2f}B base weights in NF4 at 0.5 B + absmax per {NF4_BLOCKSIZE} (8-bit, fp32 per "
+            f"{NF4_DQ_BLOCKSIZE}) = {NF4_BYTES_PER_PARAM:.4f} B/param = {gib(nf4_bytes(quantized)):.2f} GiB; "
+            f"{(frozen - quantized) / 1e9:.2f}B kept (embeddings, lm_head, norms: fp32 + bf16 copies); one layer "
+            f"dequantized at a time ({gib(largest * 2):.2f} GiB)")
+
+
 @dataclass(frozen=True)
 class MemoryEstimate:
     """Bytes per device (one rank) at the peak of a training step."""
@@ -188,6 +217,7 @@ def estimate_memory(
     offload_optimizer: bool = False,
     offload_params: bool = False,
     flash_attention: bool = False,
+    quantized_params: int = 0,
 ) -> MemoryEstimate:
     """Peak bytes per rank of one training step with ``strategy`` over ``world_size`` data-parallel ranks.
 
@@ -207,6 +237,9 @@ def estimate_memory(
     only by zero3/fsdp) with no gradients or optimizer state; the adapters get the full 16 B (fp32: 16 B)
     accounting, sharded per stage. Activations are counted as for full fine-tuning (an upper bound).
 
+    QLoRA (``quantized_params`` of the frozen base in NF4, ddp only): those weights take ``NF4_BYTES_PER_PARAM``
+    instead of 4 + 2 B, plus one dequantized bf16 copy of the largest linear layer (transient).
+
     Offloading (DeepSpeed ZeRO-Offload): ``offload_optimizer`` moves the optimizer state to host memory, and
     with zero2/zero3/fsdp also the gradient shard (reduced gradients are copied to the host, where the
     optimizer step runs); zero1 keeps its full gradients until the step. ``offload_params`` (zero3/fsdp only)
@@ -218,6 +251,8 @@ def estimate_memory(
         raise ValueError(f"world_size must be at least 1, got {world_size}")
     if n_params < 0 or (lora_params is not None and lora_params < 0):
         raise ValueError(f"parameter counts must be non-negative, got n_params={n_params}, lora_params={lora_params}")
+    if quantized_params and (stage != 0 or lora_params is None or not 0 < quantized_params <= n_params):
+        raise ValueError(f"quantized_params needs ddp, LoRA adapters and at most n_params; got {quantized_params}")
     if offload_params and stage < 3:
         raise ValueError(f"offload_params needs sharded parameters (zero3 or fsdp); strategy {strategy!r} has none")
     if offload_optimizer and stage == 0:
@@ -229,9 +264,13 @@ def estimate_memory(
         # DDP trains the fp32 model under autocast: fp32 weights, fp32 gradients (views into the all-reduce buckets,
         # gradient_as_bucket_view), Adam's two fp32 moments, plus the 16-bit copy of every weight that autocast
         # makes for the forward and keeps for backward: 4 + 2, 4 and 8 bytes per parameter.
-        parameters = (trainable + frozen) * (4 + b.param)
+        parameters = (trainable + frozen - quantized_params) * (4 + b.param)
         gradients, optimizer = trainable * 4, trainable * 8
         notes.append("ddp: fp32 weights under autocast + their 16-bit copies (6 B/param), fp32 grads and Adam")
+        if quantized_params:
+            largest = max(shape.intermediate_size, shape.q_dim) * shape.hidden_size if shape else 0
+            parameters += nf4_bytes(quantized_params) + largest * 2
+            notes.append(_qlora_note(quantized_params, frozen, largest))
     else:
         parameters = _share(trainable * b.param, world_size, stage >= 3) + _share(frozen * b.param, world_size,
                                                                                   stage >= 3)
@@ -328,11 +367,13 @@ def plan_strategies(
     flash_attention: bool = False,
     offload_optimizer: bool = False,
     offload_params: bool = False,
+    quantized_params: int = 0,
 ) -> list[StrategyFit]:
     """Every strategy of ``STRATEGIES`` (in that order) estimated for ``shape`` on ``world_size`` ``device``s.
 
     The offload flags apply to each strategy as far as it can offload (ddp nothing, zero1/zero2 the optimizer,
-    zero3/fsdp also the parameters), so the table shows what the job would really hold.
+    zero3/fsdp also the parameters), so the table shows what the job would really hold. With ``quantized_params``
+    (QLoRA) only ``QLORA_STRATEGIES`` are planned.
 
     ``margin`` is the fraction of device memory a plan may use: the rest is left for what the estimate does
     not model (allocator fragmentation, NCCL/RCCL buffers, CUDA/HIP context, framework buckets).
@@ -341,7 +382,7 @@ def plan_strategies(
         raise ValueError(f"margin is the usable fraction of device memory, in (0, 1]; got {margin}")
     usable = int(margin * device.memory_bytes)
     fits = []
-    for strategy in STRATEGIES:
+    for strategy in QLORA_STRATEGIES if quantized_params else STRATEGIES:
         spec = strategy_spec(strategy)
         estimate = estimate_for_model(
             shape,
@@ -355,6 +396,7 @@ def plan_strategies(
             flash_attention=flash_attention,
             offload_optimizer=offload_optimizer and spec.can_offload_optimizer,
             offload_params=offload_params and spec.can_offload_params,
+            quantized_params=quantized_params,
         )
         fits.append(StrategyFit(strategy, estimate, estimate.total <= usable, usable, margin))
     return fits

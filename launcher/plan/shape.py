@@ -24,6 +24,9 @@ class ModelShape:
     vocab_size: int
     tie_embeddings: bool = False
     head_dim: int | None = None  # None: hidden_size // n_heads, as in LlamaConfig
+    # task=classification: a hidden x num_labels head (AutoModelForSequenceClassification's score) replaces the LM
+    # head; None: a causal LM.
+    num_labels: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("n_layers", "hidden_size", "n_heads", "n_kv_heads", "intermediate_size", "vocab_size"):
@@ -83,8 +86,18 @@ class ModelShape:
     def n_params(self) -> int:
         """All parameters, counting a tied embedding / lm_head matrix once (as ``model.parameters()`` does)."""
         embeddings = self.vocab_size * self.hidden_size
-        lm_head = 0 if self.tie_embeddings else embeddings
-        return embeddings + self.n_layers * self.layer_params() + self.hidden_size + lm_head
+        return embeddings + self.n_layers * self.layer_params() + self.hidden_size + self.head_params()
+
+    def head_params(self) -> int:
+        """The output head: the LM head (none of its own when tied), or a classifier's hidden x num_labels."""
+        if self.num_labels is not None:
+            return self.hidden_size * self.num_labels
+        return 0 if self.tie_embeddings else self.vocab_size * self.hidden_size
+
+    @property
+    def embedding_is_matmul(self) -> bool:
+        """The input embedding takes part in a matmul only as a tied LM head (else it is a lookup)."""
+        return self.tie_embeddings and self.num_labels is None
 
     def largest_layer_params(self) -> int:
         """Parameters of the largest single module (DeepSpeed's "largest layer"): ZeRO-3 gathers it whole."""

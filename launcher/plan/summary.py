@@ -25,7 +25,7 @@ def cluster_summary(cfg: LauncherConfig, plan: JobPlan) -> str:
     if warning:
         rows.append(("", warning))
     attention = [("attention", planned_attention(cfg))]
-    return _table(rows + _training_rows(cfg) + attention + [("run dir", str(plan.run_dir))])
+    return _table(rows + _training_rows(cfg, plan.world_size) + attention + [("run dir", str(plan.run_dir))])
 
 
 def _cost(cfg: LauncherConfig, plan: JobPlan) -> str:
@@ -50,10 +50,10 @@ def planned_attention(cfg: LauncherConfig) -> str:
 
 def local_summary(cfg: LauncherConfig, nproc: int, run_dir: str) -> str:
     rows = [("where", "this machine (no +cluster)"), ("processes", str(nproc))]
-    return _table(rows + _training_rows(cfg) + [("run dir", run_dir)])
+    return _table(rows + _training_rows(cfg, nproc) + [("run dir", run_dir)])
 
 
-def _training_rows(cfg: LauncherConfig) -> list[tuple[str, str]]:
+def _training_rows(cfg: LauncherConfig, world_size: int = 1) -> list[tuple[str, str]]:
     from launcher.hub import resolved
 
     train = cfg.train
@@ -65,9 +65,20 @@ def _training_rows(cfg: LauncherConfig) -> list[tuple[str, str]]:
         *hub,
         ("strategy", f"{cfg.strategy.name}, peft {cfg.peft.name}"),
         ("data", f"{cfg.data.path} ({cfg.data.format or 'auto'})"),
-        ("steps", f"{train.max_steps} x micro-batch {train.micro_batch_size} x accum {train.grad_accum} "
-                  f"x seq {train.seq_len}"),
+        ("steps", (f"train.epochs={train.epochs} x steps per epoch" if train.epochs else f"{train.max_steps}")
+                  + f" x micro-batch {train.micro_batch_size} x accum {train.grad_accum} x seq {train.seq_len}"),
+        *_cache_rows(cfg, world_size),
     ]
+
+
+def _cache_rows(cfg: LauncherConfig, world_size: int) -> list[tuple[str, str]]:
+    """Rows and tokens per source and steps per epoch, when the tokenized cache exists (or train.epochs asks)."""
+    from launcher.prepare.caches import summary_lines
+
+    lines = summary_lines(cfg, world_size)
+    if not cfg.train.epochs and not any("rows" in line for line in lines):
+        return []
+    return [("cache", line) for line in lines]
 
 
 def _table(rows: list[tuple[str, str]]) -> str:

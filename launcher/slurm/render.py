@@ -9,14 +9,14 @@ from __future__ import annotations
 import shlex
 import string
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from launcher import container as containers
 from launcher.plan.job import JobPlan, job_name
 from launcher.config.schema import ClusterConfig, LauncherConfig
 from launcher.paths import PACKAGE_DIR, TEMPLATES_DIR
 from launcher.plan.billing import is_whole_node, job_memory
-from launcher.rundir import TEMPLATE_VALUES
+from launcher.rundir import TEMPLATE_VALUES, read_excluded_nodes
 
 
 class _ShellTemplate(string.Template):
@@ -35,6 +35,7 @@ def read_template(name: str, **values: Any) -> List[str]:
 def setup_lines(cfg: LauncherConfig, plan: JobPlan) -> List[str]:
     cluster = cfg.cluster
     lines = read_template("common_setup.sh", run_dir=plan.run_dir, max_requeues=cluster.max_requeues,
+                          max_node_exclusions=cluster.max_node_exclusions,
                           signal_lead_s=cluster.signal_lead_s)
     if cluster.env:
         lines.append("# --- cluster.env ---")
@@ -121,10 +122,18 @@ def submitit_parameters(cfg: LauncherConfig, plan: JobPlan) -> Dict[str, Any]:
         "mem": mem,
         "mem_per_gpu": mem_per_gpu,
         "exclusive": True if is_whole_node(cluster) else None,
-        "exclude": cluster.exclude_nodes,
+        "exclude": excluded_nodes(cluster.exclude_nodes, plan.run_dir),
     }
     params.update({key: value for key, value in optional.items() if value is not None})
     return params
+
+
+def excluded_nodes(configured: Optional[str], run_dir: Path) -> Optional[str]:
+    """``cluster.exclude_nodes`` plus the nodes earlier faults of this run were resubmitted without
+    (``logs/excluded_nodes``): resubmitting the same command never lands on a known-bad node again."""
+    names = [n for n in (configured or "").split(",") if n]
+    names += [host for host in read_excluded_nodes(run_dir) if host not in names]
+    return ",".join(names) or None
 
 
 def submit_command(python: str, folder: Path) -> str:

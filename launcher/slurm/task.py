@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import IO, Any
 
-from launcher.rundir import ENV_ATTEMPT, EXIT_REQUEUE, REQUEUE_MARKER, attempt_log
+from launcher.rundir import EXIT_REQUEUE, REQUEUE_MARKER, attempt_log, attempt_number
 
 
 class _Tee:
@@ -33,8 +33,7 @@ def _log_this_attempt(run_dir: str) -> None:
     """Rank 0's output also goes to logs/attempt-<N>.log: Slurm's own log is shared by every attempt of the job."""
     if os.environ.get("SLURM_PROCID", "0") != "0":
         return
-    attempt = os.environ.get(ENV_ATTEMPT) or str(int(os.environ.get("SLURM_RESTART_COUNT", "0")) + 1)
-    path = attempt_log(Path(run_dir), attempt)
+    path = attempt_log(Path(run_dir), attempt_number())
     path.parent.mkdir(parents=True, exist_ok=True)
     copy = open(path, "a", buffering=1)  # noqa: SIM115 (lives as long as the task)
     sys.stdout = _Tee(sys.stdout, copy)

@@ -25,6 +25,7 @@ from launcher.cli_errors import show
 from launcher.slurm import query as sq
 from launcher.status.hangs import hang_notes, read_hang, straggler_of
 from launcher.status.safe import is_finite_number, load_yaml_mapping, open_regular, parse_record, problem_of
+from launcher.status.sync import wandb_sync_notes
 
 CONFIG_MAX_BYTES = 4 << 20  # a resolved config is a few kB
 ATTEMPTS_MAX_BYTES = 4 << 20  # only the tail of a longer logs/attempts.log is read
@@ -84,6 +85,8 @@ class Run:
     metrics_age_s: Optional[float] = None  # seconds since metrics.jsonl was last written
     last_checkpoint: Optional[int] = None  # step of the newest complete checkpoint
     export: bool = False
+    # The newest evaluation (python -m launcher.evaluate: eval/<name>.json): name, perplexity, eval_accuracy, ...
+    scores: Optional[Dict[str, Any]] = None
     log: Optional[str] = None  # task 0 log of the newest job
     attempts_log: Dict[str, Any] = field(default_factory=dict, repr=False)
     # The newest hang of the run (hangs/attempt-N/): step, last_step, rank, host, phase, cause, file, attempt, ranks.
@@ -231,6 +234,7 @@ def read_run(run_dir: Path, now: Optional[float] = None) -> Run:
         problems=problems,
     )
     _read_progress(run, run_dir / rundir.METRICS_FILE, now)
+    run.scores = _latest_scores(run_dir)
     run.hang = read_hang(run_dir, run.step)
     if run.job_id is not None:
         run.log = str(rundir.task_log(run_dir, run.job_id))
@@ -240,6 +244,12 @@ def read_run(run_dir: Path, now: Optional[float] = None) -> Run:
             run.attempt, run.attempt_source, run.requeues = entry.attempt or None, "attempts.log", entry.requeues
     run.state = derived_state(run, config_present=bool(config))
     return run
+
+
+def _latest_scores(run_dir: Path) -> Optional[Dict[str, Any]]:
+    from launcher.evaluate import latest_scores  # stdlib results reader, shared with the evaluate command
+
+    return latest_scores(run_dir)
 
 
 def _is_dir(path: Path) -> bool:
@@ -372,7 +382,7 @@ def collect(directory: Path, *, query: Optional[Callable[[List[str]], sq.Query]]
     notes = [f"{run.name}: {problem}" for run in runs for problem in run.problems]
     notes += [note for run in runs for note in hang_notes(run)]
     if not ids:
-        return runs, notes
+        return runs, notes + wandb_sync_notes(runs)
     result = (query or sq.query_jobs)(ids)
     if not result.slurm_available:
         notes.append("no Slurm commands (sacct, squeue, scontrol) on the PATH: states come from the run directories")
@@ -383,4 +393,4 @@ def collect(directory: Path, *, query: Optional[Callable[[List[str]], sq.Query]]
     for run in runs:
         if run.job_id is not None:
             apply_slurm(run, result.get(run.job_id))
-    return runs, notes
+    return runs, notes + wandb_sync_notes(runs)

@@ -12,6 +12,7 @@ from launcher.status.runs import Run
 COLUMNS = ("RUN", "CLUSTER", "JOB", "STATE", "ATTEMPT", "STEP", "LOSS", "TOK/S", "ELAPSED", "EXPORT")
 PROBLEM_COLUMN = "PROBLEM"  # only when a run has a file that could not be (fully) read; the notes say more
 PROBLEM_MAX_CHARS = 60
+EVAL_COLUMN = "EVAL"  # only when a run has an evaluation (python -m launcher.evaluate): its newest scores
 _NUMERIC = {"ATTEMPT", "STEP", "LOSS", "TOK/S", "ELAPSED"}  # right-aligned
 
 
@@ -101,6 +102,12 @@ def format_table(runs: Sequence[Run]) -> str:
     files that could not be read."""
     columns = list(COLUMNS)
     rows = [row_cells(run) for run in runs]
+    if any(run.scores for run in runs):
+        from launcher.evaluate import format_scores
+
+        columns.append(EVAL_COLUMN)
+        rows = [row + [clean(f"{run.scores.get('name')}: {format_scores(run.scores)}") if run.scores else "-"]
+                for row, run in zip(rows, runs)]
     if any(run.problems for run in runs):
         columns.append(PROBLEM_COLUMN)
         rows = [row + [clean(problem_cell(run))] for row, run in zip(rows, runs)]

@@ -296,8 +296,6 @@ def probe_attention(device: Any, model_cfg: Optional["ModelConfig | Mapping[str,
 # What it means (pure: tests feed fabricated probes)
 
 
-from launcher.plan.devices import planner_assumes_flash  # noqa: E402,F401 (THE assumption; re-exported)
-
 
 def _fallback_hint(probe: AttentionProbe) -> str:
     if probe.is_rocm:

@@ -2,15 +2,23 @@
 
 A save (every rank takes part):
 
-1. rank 0 creates ``step-<N>.tmp/`` (removing a leftover of a crashed save), barrier;
-2. every rank writes its part: the strategy's state (DeepSpeed ``save_checkpoint`` for zero*,
-   torch.distributed.checkpoint for ddp and fsdp) and its own RNG states (``rng/rank-<r>.pt``); each rank fsyncs the
-   files it wrote;
-3. barrier: everything is on disk;
-4. rank 0 writes ``trainer_state.json`` (step, sampler position, scheduler, metrics position, config hash, strategy,
-   world size, versions), then ``COMPLETE`` (a manifest of every file and its size: the one walk of the tree),
-   fsyncs both, and renames ``step-<N>.tmp`` to ``step-<N>`` (atomic on POSIX file systems), then applies retention;
-5. barrier.
+1. the previous background save (if any) is waited for, and committed;
+2. rank 0 creates ``step-<N>.tmp/`` (removing a leftover of a crashed save), barrier;
+3. every rank writes its own RNG states (``rng/rank-<r>.pt``), then its part of the strategy's state (DeepSpeed
+   ``save_checkpoint`` for zero*, torch.distributed.checkpoint for ddp and fsdp); each rank fsyncs the files it wrote.
+   Frozen parameters (a LoRA run's base) are not written: ``trainer_state.json`` holds the base's fingerprint
+   (``launcher.train.frozen_base``) and a resume on another base is refused;
+4. barrier: everything is on disk;
+5. rank 0 writes ``trainer_state.json`` (step, sampler position, scheduler, metrics position, config hash, strategy,
+   world size and its changes, versions), then ``COMPLETE`` (a manifest of every file and its size: the one walk of
+   the tree), fsyncs both, and renames ``step-<N>.tmp`` to ``step-<N>`` (atomic on POSIX file systems), then applies
+   retention;
+6. barrier.
+
+With ``train.async_save`` (ddp, fsdp) step 3 only copies the state to host memory and returns; DCP writes the files in
+a background thread, and steps 4-5 run in a second one (rank 0) once DCP's future says that every rank's files are on
+disk. The loop goes on training meanwhile; the final save (the last step, a stop signal) is synchronous and first
+waits for the one in flight.
 
 A directory counts as a checkpoint only when it is named ``step-<N>`` and its ``COMPLETE`` manifest matches the files
 (names and sizes): a crash or ``kill -9`` at any point leaves either the previous checkpoint or a ``.tmp`` that resume
@@ -25,24 +33,27 @@ import hashlib
 import json
 import os
 import platform
-import random
-import re
 import shutil
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
-import numpy as np
 import torch
 
+from launcher.rundir import COMPLETE_MARKER as COMPLETE
+from launcher.rundir import STEP_DIR_RE as STEP_RE
+from launcher.train.checkpoint_io import (
+    fsync_dir, fsync_file, manifest, reseed, rng_state, set_rng_state, write_json,
+)
 from launcher.train.distributed import DistEnv, barrier, broadcast_object, log
+from launcher.train.frozen_base import fingerprint_notes, fingerprint_problem
 from launcher.train.schedule import restore_scheduler, scheduler_state
 
-COMPLETE = "COMPLETE"
 STATE_FILE = "trainer_state.json"
 RNG_DIR = "rng"
-STEP_RE = re.compile(r"^step-(\d+)$")
 FORMAT_VERSION = 1
 # Fault injection for tests: "STEP" or "STEP:RANK" -> that rank dies (os._exit) right after writing its shard.
 FAULT_ENV = "LAUNCHER_FAULT_KILL_IN_SAVE"
@@ -52,7 +63,8 @@ BOOKKEEPING_KEYS = {
     "dry_run", "nodes", "nproc_per_node", "cluster", "export_only", "output_dir", "run_name", "ignore_memory_estimate",
     "train.max_steps", "train.save_every", "train.save_every_minutes", "train.keep_last", "train.keep_every",
     "train.eval_every", "train.eval_batches", "train.log_every", "train.tensorboard", "train.debug_step_sleep_s",
-    "data.cache_dir", "model.gradient_checkpointing", "peft.merge_on_export", "train.preflight", "train.export", "budget",
+    "train.async_save", "train.debug_save_sleep_s", "data.cache_dir", "model.gradient_checkpointing",
+    "peft.merge_on_export", "train.preflight", "train.export", "budget",
 }
 
 
@@ -94,71 +106,26 @@ def versions() -> Dict[str, Optional[str]]:
     return out
 
 
-def rng_state() -> Dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: Mapping[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def fsync_file(path: Path) -> None:
-    """Flush ``path``'s data to stable storage (every rank calls it on the files it wrote)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems refuse fsync on directories
-    finally:
-        os.close(fd)
-
-
-def _write_json(path: Path, data: Any) -> int:
-    """Write and fsync; returns the bytes written."""
-    text = json.dumps(data, indent=1, sort_keys=True)
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    return len(text.encode("utf-8"))
-
-
-def _manifest(directory: Path) -> Dict[str, int]:
-    """Every file under ``directory`` (but COMPLETE) and its size: one walk, one stat per file."""
-    files = {}
-    for parent, _, names in os.walk(directory):
-        for name in names:
-            path = os.path.join(parent, name)
-            rel = os.path.relpath(path, directory)
-            if rel != COMPLETE:
-                files[rel] = os.stat(path).st_size
-    return files
-
-
 def step_of(path: Path) -> Optional[int]:
     match = STEP_RE.match(path.name)
     return int(match.group(1)) if match else None
 
 
 # ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Pending:
+    """A save whose files are being written in the background."""
+
+    step: int
+    done: "Future[Dict[str, Any]]"  # resolves after the commit (rank 0) or this rank's write (the others)
+    blocked_s: float  # how long the loop waited in save()
+
+
+def async_enabled(setting: Optional[bool], device_type: str) -> bool:
+    """``train.async_save``: None means on for GPU jobs (their saves are the costly ones), off on CPU."""
+    return device_type == "cuda" if setting is None else bool(setting)
 
 
 class CheckpointManager:
@@ -173,8 +140,12 @@ class CheckpointManager:
         keep_last: int,
         keep_every: Optional[int],
         problem: Optional[Callable[[Path], Optional[str]]] = None,
+        frozen_base: Optional[Dict[str, Any]] = None,
+        async_save: bool = False,
     ) -> None:
-        """``problem``: the engine's check of a checkpoint's files; default: the one of ``strategy.spec``."""
+        """``problem``: the engine's check of a checkpoint's files; default: the one of ``strategy.spec``.
+        ``frozen_base``: the fingerprint of a LoRA run's base (``frozen_base.base_fingerprint``), None when every
+        parameter trains. ``async_save``: write in the background where the engine can."""
         self.root = Path(root)
         self.env = env
         self.strategy = strategy
@@ -185,6 +156,12 @@ class CheckpointManager:
 
             problem = checkpoint_problem(strategy.spec)
         self.engine_problem = problem
+        self.frozen_base = frozen_base
+        self.async_save = async_save
+        self.world_size_changes: List[Dict[str, int]] = []  # carried from checkpoint to checkpoint
+        self._pending: Optional[_Pending] = None
+        self._finished: List[Dict[str, Any]] = []
+        self._committer: Optional[ThreadPoolExecutor] = None
 
     # -- discovery ----------------------------------------------------------------------------------------------
     def candidates(self) -> List[Tuple[int, Path]]:
@@ -238,9 +215,14 @@ class CheckpointManager:
         barrier()
 
     # -- save ---------------------------------------------------------------------------------------------------
-    def save(self, step: int, trainer_state: Dict[str, Any]) -> Dict[str, float]:
-        """Collective. Returns {"save_s": seconds, "size_gb": size} (size on rank 0 only)."""
+    def save(self, step: int, trainer_state: Dict[str, Any], *, final: bool = False) -> Optional[Dict[str, Any]]:
+        """Collective. A synchronous save returns {"save_s", "blocked_s", "size_gb" (rank 0 only), "async": False};
+        a background one returns None, and its result comes later from ``finished()``. ``final``: the last save of
+        the attempt (end of training, a stop signal): synchronous, after the one in flight."""
         start = time.perf_counter()
+        self.wait()  # one save in flight at most: its staging buffers are reused, its commit comes first
+        # What the background commit writes must be what the state is now: the scheduler moves on meanwhile.
+        trainer_state = {**trainer_state, "scheduler": scheduler_state(self.strategy.scheduler)}
         tmp = self.root / f"step-{step}.tmp"
         if self.env.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -249,16 +231,48 @@ class CheckpointManager:
             (tmp / RNG_DIR).mkdir()
         barrier()
 
-        self.strategy.save(tmp)  # fsyncs this rank's files
+        # RNG first: every rank's file is on disk before its background write can report done to rank 0.
         rng_file = tmp / RNG_DIR / f"rank-{self.env.rank:05d}.pt"
         torch.save(rng_state(), rng_file)
         fsync_file(rng_file)
+        writing = self.strategy.save_async(tmp) if self.async_save and not final else _sync_save(self.strategy, tmp)
         _maybe_inject_fault(step, self.env.rank)
+        if writing is not None:
+            done = self._background().submit(self._finish, step, tmp, trainer_state, writing, start)
+            self._pending = _Pending(step, done, time.perf_counter() - start)
+            return None
         barrier()
-
         size = self._commit(step, tmp, trainer_state) / 1e9 if self.env.is_main else 0.0
         barrier()
-        return {"save_s": time.perf_counter() - start, "size_gb": size}
+        elapsed = time.perf_counter() - start
+        return {"step": step, "save_s": elapsed, "blocked_s": elapsed, "size_gb": size, "async": False}
+
+    def _background(self) -> ThreadPoolExecutor:
+        if self._committer is None:
+            self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-commit")
+        return self._committer
+
+    def _finish(self, step: int, tmp: Path, trainer_state: Dict[str, Any], writing: Future,
+                start: float) -> Dict[str, Any]:
+        """In the background: wait for DCP's write (on rank 0: every rank's files and .metadata), then commit."""
+        writing.result()
+        size = self._commit(step, tmp, trainer_state) / 1e9 if self.env.is_main else 0.0
+        return {"step": step, "save_s": time.perf_counter() - start, "size_gb": size, "async": True}
+
+    def wait(self) -> None:
+        """Block until the background save (if any) is written and committed; its result goes to ``finished()``.
+        Re-raises its error: a save that failed must not pass silently."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            result = pending.done.result()
+            self._finished.append({**result, "blocked_s": pending.blocked_s})
+
+    def finished(self) -> List[Dict[str, Any]]:
+        """Results of background saves that completed since the last call (never blocks)."""
+        if self._pending is not None and self._pending.done.done():
+            self.wait()
+        done, self._finished = self._finished, []
+        return done
 
     def _commit(self, step: int, tmp: Path, trainer_state: Dict[str, Any]) -> int:
         """Rank 0, once every rank's files are on disk: metadata, manifest, rename, retention. Returns the bytes."""
@@ -267,20 +281,21 @@ class CheckpointManager:
             step=step,
             format=FORMAT_VERSION,
             world_size=self.env.world_size,
+            world_size_changes=list(self.world_size_changes),
+            base_fingerprint=self.frozen_base,
             strategy=self.strategy.spec.name,
             versions=versions(),
             saved_unix=time.time(),
-            scheduler=scheduler_state(self.strategy.scheduler),
         )
-        _write_json(tmp / STATE_FILE, state)
-        files = _manifest(tmp)
-        size = sum(files.values()) + _write_json(tmp / COMPLETE, {"step": step, "files": files})
-        _fsync_dir(tmp)
+        write_json(tmp / STATE_FILE, state)
+        files = manifest(tmp)
+        size = sum(files.values()) + write_json(tmp / COMPLETE, {"step": step, "files": files})
+        fsync_dir(tmp)
         final = self.root / f"step-{step}"
         if final.exists():  # the same step saved again (e.g. a finished run re-run): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         self.apply_retention()
         return size
 
@@ -308,21 +323,8 @@ class CheckpointManager:
                 f"Resume with strategy={saved_strategy}, or start a new run_name from an export "
                 f"(export_only=true with strategy={saved_strategy}, then model.pretrained=<run_dir>/export)"
             )
-        saved_world = int(state.get("world_size", self.env.world_size))
-        if saved_world != self.env.world_size and not self.strategy.spec.reshards_on_resume:
-            raise CheckpointError(
-                f"{path} was written by {saved_world} ranks with {name}; this run has "
-                f"{self.env.world_size}. ZeRO optimizer state is partitioned per rank and does not reshard here: "
-                f"resume with {saved_world} ranks (nodes x tasks per node), or export it (export_only=true with "
-                f"{saved_world} ranks) and continue in a new run with model.pretrained=<run_dir>/export "
-                "(fresh optimizer), or use strategy=fsdp, whose checkpoints reshard"
-            )
-        if saved_world != self.env.world_size:
-            log(
-                f"WARNING: resuming {path} (written by {saved_world} ranks) on {self.env.world_size} ranks: "
-                "weights and optimizer reshard; the data position continues at the same sample, but the global "
-                "batch changes unless train.grad_accum compensates, and per-rank RNG streams restart"
-            )
+        self._check_base(path, state.get("base_fingerprint"))
+        self._check_world_size(path, state, cfg_flat)
         if state.get("config_hash") not in (None, cfg_hash):
             saved = state.get("training_config", {})
             changed = sorted(k for k in set(saved) | set(cfg_flat) if saved.get(k) != cfg_flat.get(k))
@@ -330,6 +332,48 @@ class CheckpointManager:
                 f"WARNING: the config differs from the one that wrote {path} in: {', '.join(changed) or '?'}; "
                 "resuming anyway (the loss curve will not match an uninterrupted run)"
             )
+
+    def _check_base(self, path: Path, saved: Optional[Mapping[str, Any]]) -> None:
+        """A checkpoint without the frozen base resumes only on the same base (its fingerprint)."""
+        if saved and self.frozen_base is None:
+            raise CheckpointError(
+                f"{path} holds only LoRA adapters (its base is not in the checkpoint); this run trains every "
+                "parameter (peft=none): resume with peft=lora, or start a new run_name"
+            )
+        if self.frozen_base is None:
+            return
+        problem = fingerprint_problem(saved, self.frozen_base)
+        if problem:
+            raise CheckpointError(
+                f"{path} holds LoRA adapters for another base model: {problem}. Resume with the base it was trained "
+                "on, or start a new run_name (its adapters: export_only=true with the old base)"
+            )
+        for note in fingerprint_notes(saved, self.frozen_base):
+            log(f"WARNING: {path}: {note}")
+
+    def _check_world_size(self, path: Path, state: Mapping[str, Any], cfg_flat: Mapping[str, Any]) -> None:
+        saved_world, world = int(state.get("world_size", self.env.world_size)), self.env.world_size
+        if saved_world == world:
+            return
+        spec = self.strategy.spec
+        # ZeRO 1-3 reshard through DeepSpeed's universal checkpoint (DeepSpeedStrategy.load converts).
+        if not (spec.reshards_on_resume or spec.zero_stage is not None):
+            raise CheckpointError(
+                f"{path} was written by {saved_world} ranks with {spec.name}; this run has {world}: resume with "
+                f"{saved_world} ranks (nodes x tasks per node)"
+            )
+        how = "through DeepSpeed's universal checkpoint" if spec.zero_stage is not None else "through DCP"
+        micro, accum = cfg_flat.get("train.micro_batch_size"), cfg_flat.get("train.grad_accum")
+        new_batch = int(micro) * int(accum) * world if micro and accum else "?"
+        old_batch = state.get("global_batch_sequences", "?")
+        log(
+            f"WARNING: resuming {path} (written by {saved_world} ranks) on {world} ranks: weights and optimizer "
+            f"reshard {how}; the data continues at the same sample (sampler position {state.get('sampler')}); "
+            f"the global batch changes from {old_batch} to {new_batch} sequences per optimizer step "
+            f"(train.micro_batch_size={micro} x train.grad_accum={accum} x {world} ranks; train.global_batch_size "
+            "keeps it fixed); the learning-rate schedule counts optimizer steps, so it continues unchanged while "
+            "each step sees a different number of samples; per-rank RNG streams restart"
+        )
 
     def load(self, path: Path, *, seed: int) -> Dict[str, Any]:
         """Collective: restore the strategy (model, optimizer, scheduler) and this rank's RNG. Returns trainer state."""
@@ -339,8 +383,13 @@ class CheckpointManager:
         self.strategy.load(path)
         if "scheduler" in state:
             restore_scheduler(self.strategy.scheduler, state["scheduler"])
+        saved_world = int(state.get("world_size", self.env.world_size))
+        self.world_size_changes = list(state.get("world_size_changes", []))
+        if saved_world != self.env.world_size:  # recorded in every later checkpoint's trainer_state.json
+            self.world_size_changes.append({"step": int(state["step"]), "from": saved_world,
+                                            "to": self.env.world_size})
         rng_file = path / RNG_DIR / f"rank-{self.env.rank:05d}.pt"
-        if int(state.get("world_size", -1)) == self.env.world_size and rng_file.is_file():
+        if saved_world == self.env.world_size and rng_file.is_file():
             set_rng_state(torch.load(rng_file, weights_only=False))
         else:
             reseed(seed, self.env.rank, int(state["step"]))
@@ -349,11 +398,10 @@ class CheckpointManager:
         return state
 
 
-def reseed(seed: int, rank: int, step: int = 0) -> None:
-    value = (seed * 1_000_003 + rank * 10_007 + step) % (2**32)
-    random.seed(value)
-    np.random.seed(value)
-    torch.manual_seed(value)
+def _sync_save(strategy: Any, directory: Path) -> None:
+    """``strategy.save``: the files are on disk when it returns (no future)."""
+    strategy.save(directory)
+    return None
 
 
 def _maybe_inject_fault(step: int, rank: int) -> None:

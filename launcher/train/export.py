@@ -13,7 +13,8 @@ Layout of ``<run_dir>/export/``:
   ``PeftModel.from_pretrained(base, export)``. ``base_model_name_or_path`` points to ``model.pretrained``; a base built
   from the config (no pretrained directory) is written to ``export/base_model/`` and the adapter points there, so
   ``AutoPeftModelForCausalLM.from_pretrained(export)`` works offline. With ``peft.merge_on_export=true`` the merged
-  model (adapters folded into the weights) is in ``export/merged/``.
+  model (adapters folded into the weights) is in ``export/merged/`` (``rundir.MERGED_DIR``; ``python -m launcher.export
+  RUN_DIR --merge`` writes it after the fact).
 
 Weights are saved in the training precision (bf16 on GPUs, fp32 on CPU).
 """
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 
 
 def export_model(strategy: Any, directory: Path, tokenizer: Any, *, peft: Optional["PeftConfig"] = None,
-                 pretrained: Optional[str] = None) -> Optional[Path]:
+                 pretrained: Optional[str] = None, task: str = "causal_lm") -> Optional[Path]:
     """Collective: every rank calls it; rank 0 writes ``directory``. Returns the directory on rank 0.
 
     ``peft``: the run's adapter settings (an adapter export unless its name is ``none``); ``pretrained``: the base
@@ -51,6 +52,7 @@ def export_model(strategy: Any, directory: Path, tokenizer: Any, *, peft: Option
             peft_cfg=peft if peft is not None and peft.name != "none" else None,
             pretrained=pretrained,
             dtype=export_dtype(strategy.precision),
+            task=task,
         )
     barrier()
     return result
@@ -75,6 +77,7 @@ def write_export(
     peft_cfg: Any = None,
     pretrained: Optional[str] = None,
     dtype: torch.dtype = torch.float32,
+    task: str = "causal_lm",
 ) -> Path:
     from transformers.utils import logging as hf_logging
 
@@ -85,11 +88,12 @@ def write_export(
     tmp.mkdir(parents=True)
     state_dict = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state_dict.items()}
     if peft_cfg is None:
-        model = _clean_model(config, dtype)
+        model = _clean_model(config, dtype, task)
         _load(model, state_dict)
         model.save_pretrained(tmp)
     else:
-        _write_peft(state_dict, tmp, directory, config=config, peft_cfg=peft_cfg, pretrained=pretrained, dtype=dtype)
+        _write_peft(state_dict, tmp, directory, config=config, peft_cfg=peft_cfg, pretrained=pretrained, dtype=dtype,
+                    task=task)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     if directory.exists():
@@ -108,21 +112,25 @@ def _write_peft(
     peft_cfg: Any,
     pretrained: Optional[str],
     dtype: torch.dtype,
+    task: str = "causal_lm",
 ) -> None:
     from peft import get_peft_model, set_peft_model_state_dict
 
+    from launcher.rundir import MERGED_DIR
     from launcher.train.modeling import lora_config
 
-    base_sd = {_base_key(k): v for k, v in state_dict.items() if ".lora_" not in k}
-    adapter_sd = {k: v for k, v in state_dict.items() if ".lora_" in k}
-    base = _clean_model(config, dtype)
+    # A trained head (classification: peft's modules_to_save copy) belongs to the adapter; its frozen original to
+    # the base.
+    base_sd = {_base_key(k): v for k, v in state_dict.items() if not _adapter_key(k)}
+    adapter_sd = {k: v for k, v in state_dict.items() if _adapter_key(k)}
+    base = _clean_model(config, dtype, task)
     _load(base, base_sd)
     if pretrained:
         base_path = str(Path(pretrained).expanduser().resolve())
     else:
         base.save_pretrained(tmp / "base_model")
         base_path = str((final / "base_model").resolve())
-    lora = lora_config(peft_cfg)
+    lora = lora_config(peft_cfg, task)
     lora.base_model_name_or_path = base_path
     base.name_or_path = base_path  # peft copies it into adapter_config.json
     base.config._name_or_path = base_path
@@ -137,27 +145,34 @@ def _write_peft(
     peft_model.save_pretrained(tmp, save_embedding_layers=False)
     if peft_cfg.merge_on_export:
         merged = peft_model.merge_and_unload()
-        merged.save_pretrained(tmp / "merged")
+        merged.save_pretrained(tmp / MERGED_DIR)
+
+
+def _adapter_key(key: str) -> bool:
+    return ".lora_" in key or ".modules_to_save." in key
 
 
 def _base_key(key: str) -> str:
     if key.startswith("base_model.model."):
         key = key[len("base_model.model."):]
-    return key.replace(".base_layer.", ".")
+    return key.replace(".base_layer.", ".").replace(".original_module.", ".")
 
 
 def _without_adapter_name(adapter_sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """``base_model.model.x.lora_A.default.weight`` -> ``base_model.model.x.lora_A.weight`` (peft's saved form)."""
-    return {k.replace(".default.", "."): v for k, v in adapter_sd.items()}
+    """``base_model.model.x.lora_A.default.weight`` -> ``base_model.model.x.lora_A.weight`` and
+    ``base_model.model.score.modules_to_save.default.weight`` -> ``base_model.model.score.weight`` (peft's saved
+    forms)."""
+    return {k.replace(".modules_to_save.default.", ".").replace(".default.", "."): v for k, v in adapter_sd.items()}
 
 
-def _clean_model(config: Any, dtype: torch.dtype) -> Any:
+def _clean_model(config: Any, dtype: torch.dtype, task: str = "causal_lm") -> Any:
     """An empty model of the config's class: parameters on the meta device, real buffers (rotary tables)."""
     from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
+
+    from launcher.train.modeling import model_class
 
     with init_empty_weights(include_buffers=False):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+        return model_class(task).from_config(config, dtype=dtype)
 
 
 def _load(model: Any, state_dict: Dict[str, torch.Tensor]) -> None:

@@ -6,8 +6,9 @@ Per step (``grad_accum`` micro-batches per rank):
     strategy.step()                                   clip, optimizer, scheduler
     every train.log_every steps: one all-reduce of the loss, one host sync, one metrics line
     every train.eval_every steps (and at the end): train.eval_batches batches of the held-out split
-    every step: an asynchronous all-reduce (MAX) of [stop requested, time-based save due], read one step later,
-                so that all ranks agree without a host synchronisation per step
+    every step (every few when steps are shorter than AGREE_PERIOD_S): an asynchronous all-reduce (MAX) of
+                [stop requested, time-based save due], read one step later, so that all ranks agree without a host
+                synchronisation per step
     every train.save_every steps, on time (train.save_every_minutes), at the end, or when stopping: a checkpoint
 
 Between log steps there is no host synchronisation: losses accumulate on the device.
@@ -31,6 +32,9 @@ from launcher.train.metrics import MetricsFile, PeakMemory, Progress, StepWindow
 
 FINISHED = "finished"
 STOPPED = "stopped"
+# The ranks agree on "stop" / "save now" about this often (at least every step when steps are slower): one small
+# all-reduce per step costs a few % of a millisecond-long step on CPUs and nothing that matters on GPUs.
+AGREE_PERIOD_S = 0.2
 
 
 @dataclass
@@ -98,6 +102,7 @@ class Trainer:
         self._started, self._first_step = time.monotonic(), self.state.step
         self._window = StepWindow()
         self._loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+        self._agree_every, self._local_step_s = 1, 0.0  # agree every step until the first log step measured one
         agreement = D.LaggedAgreement(device)
         self.strategy.model.train()
         outcome = FINISHED
@@ -126,7 +131,7 @@ class Trainer:
             if stop:
                 outcome = STOPPED
                 break
-            if step < self.max_steps:
+            if step < self.max_steps and step % self._agree_every == 0:
                 due = self.save_every_s is not None and time.monotonic() - self._last_save_time >= self.save_every_s
                 agreement.post([1.0 if D.stop_requested() else 0.0, 1.0 if due else 0.0])
         agreement.collect()  # nothing may stay in flight before the export's collectives
@@ -150,6 +155,10 @@ class Trainer:
         self._log_train(step, values, steps, lr, window_s,
                         self.state.elapsed_s + time.perf_counter() - self._attempt_start)
         self._loss_sum.zero_()
+        # Every rank got the same mean step time (the previous window's) from the all-reduce: the same cadence.
+        if values[2] > 0:
+            self._agree_every = max(1, min(self.log_every, int(AGREE_PERIOD_S / values[2])))
+        self._local_step_s = window_s / max(steps, 1)
 
     def _paused(self, work: Any) -> None:
         """Run ``work`` with its time left out of the throughput window."""
@@ -158,6 +167,8 @@ class Trainer:
         self._window.excluded_s += time.perf_counter() - paused
 
     def _maybe_save(self, step: int, *, stop: bool, time_due: bool) -> None:
+        for result in self.checkpoints.finished():  # background saves that completed meanwhile (never blocks)
+            self._report_save(result)
         if stop:
             self.progress.message(f"stop requested ({D.stop_reason() or 'another rank'}): saving at step {step}")
         every = self.save_every and step % self.save_every == 0
@@ -166,17 +177,19 @@ class Trainer:
         now = time.perf_counter()
         self.state.elapsed_s += now - self._attempt_start
         self._attempt_start = now
-        with W.phase("save"):
-            self._paused(lambda: self.save(step))
+        with W.phase("save"):  # the last save of the attempt is synchronous and waits for one in flight
+            self._paused(lambda: self.save(step, final=stop or step == self.max_steps))
 
     # -------------------------------------------------------------------------------------------------------------
     def _reduce_for_log(self, loss_sum: torch.Tensor, steps: int, grad_norm: torch.Tensor) -> list:
-        """[mean loss over ranks and the window's micro-batches, grad norm] on the host: the one host sync."""
-        loss = loss_sum / (steps * self.accum)
+        """[mean loss over ranks and the window's micro-batches, grad norm, the ranks' mean step time of the previous
+        window] on the host: the one host sync."""
+        summed = torch.stack([loss_sum.float() / (steps * self.accum),
+                              torch.full_like(loss_sum, self._local_step_s, dtype=torch.float32)])
         if dist.is_initialized() and self.env.world_size > 1:
-            dist.all_reduce(loss, op=dist.ReduceOp.SUM)
-            loss = loss / self.env.world_size
-        return torch.stack([loss.float(), grad_norm.to(loss.device).float()]).tolist()
+            dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+            summed = summed / self.env.world_size
+        return torch.stack([summed[0], grad_norm.to(summed.device).float(), summed[1]]).tolist()
 
     def _log_train(self, step: int, values: list, steps: int, lr: float, window_s: float, elapsed_s: float) -> None:
         if not self.env.is_main:
@@ -214,28 +227,30 @@ class Trainer:
         )
         if not batches:
             return None
+        from launcher.train.evaluation import evaluate_split  # THE eval (token-weighted; shared with launcher.evaluate)
+
         model = self.strategy.model
         model.eval()
-        total = torch.zeros((), dtype=torch.float32, device=self.env.device)
-        with torch.no_grad():
-            for indices in batches:
-                batch = to_device(split.collate(indices, skip_full_mask=True), self.env.device)
-                total += model(**batch).loss.detach().float()
+        values = evaluate_split(model, split, batches, self.env.device, self.env.world_size)
         model.train()
-        mean = total / len(batches)
-        if dist.is_initialized() and self.env.world_size > 1:
-            dist.all_reduce(mean, op=dist.ReduceOp.SUM)
-            mean = mean / self.env.world_size
-        value = float(mean.item())
+        value = values["eval_loss"]
         if self.env.is_main:
-            self.metrics.write({"step": step, "eval_loss": value, "eval_batches": len(batches)})
-            self.progress.message(f"step {step} eval_loss {value:.4f}")
+            self.metrics.write({"step": step, **values, "eval_batches": len(batches)})
+            scores = " ".join(f"{k} {v:.4f}" for k, v in values.items() if isinstance(v, float))
+            self.progress.message(f"step {step} {scores}")
             if self.tensorboard is not None:
-                self.tensorboard.add_scalar("eval/loss", value, step)
+                for key, v in values.items():
+                    if isinstance(v, float):
+                        self.tensorboard.add_scalar(f"eval/{key.removeprefix('eval_')}", v, step)
         return value
 
-    def save(self, step: int) -> None:
+    def save(self, step: int, *, final: bool = False) -> None:
+        """A checkpoint of ``step``; ``final``: synchronous, after any background save (nothing stays in flight)."""
         if self.last_saved_step == step:
+            if final:
+                self.checkpoints.wait()
+                for result in self.checkpoints.finished():
+                    self._report_save(result)
             return
         state = dict(self.extra)
         state.update(
@@ -244,15 +259,26 @@ class Trainer:
             elapsed_s=self.state.elapsed_s,
             metrics_step=step,
         )
-        result = self.checkpoints.save(step, state)
+        result = self.checkpoints.save(step, state, final=final)
         self.last_saved_step = step
         self._last_save_time = time.monotonic()
-        if self.env.is_main:
-            self.metrics.write({"step": step, "event": "checkpoint", "save_s": result["save_s"],
-                                "size_gb": result["size_gb"]})
-            self.progress.message(
-                f"checkpoint step-{step} saved in {result['save_s']:.2f}s ({result['size_gb']:.3f} GB)"
-            )
+        for done in self.checkpoints.finished():  # the one in flight before, which this save waited for
+            self._report_save(done)
+        if result is not None:
+            self._report_save(result)
+
+    def _report_save(self, result: Dict[str, Any]) -> None:
+        """The checkpoint event (rank 0): ``blocked_s`` the loop waited, ``save_s`` the whole write."""
+        if not self.env.is_main:
+            return
+        step, mode = result["step"], "in the background" if result["async"] else "synchronously"
+        self.metrics.write({"step": step, "event": "checkpoint", "save_s": result["save_s"],
+                            "blocked_s": result["blocked_s"], "size_gb": result["size_gb"], "async": result["async"]})
+        self.progress.message(
+            f"checkpoint step-{step} saved {mode} in {result['save_s']:.2f}s, the loop waited "
+            f"{result['blocked_s']:.2f}s ({result['size_gb']:.3f} GB)"
+        )
+        if not result["async"]:  # the save that must fit in Slurm's warning lead is the synchronous final one
             warning = save_budget_warning(result["save_s"], self.step_time_s_estimate())
             if warning:
                 self.progress.message(warning)

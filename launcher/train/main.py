@@ -39,7 +39,7 @@ from launcher.rundir import (
 )
 
 if TYPE_CHECKING:
-    from launcher.config.schema import LauncherConfig, TrainConfig
+    from launcher.config.schema import LauncherConfig
     from launcher.train.distributed import DistEnv
 
 
@@ -62,15 +62,13 @@ def run(run_dir: str | Path) -> int:
     from launcher.train.preflight import PreflightError
     from launcher.config.strategies import needs_cpu_collectives
 
-    # distributed.setup reads the cluster section as a mapping.
-    cluster = asdict(cfg.cluster) if cfg.cluster is not None else None
     # Before the rendezvous: a time-limit or preemption signal during a slow start must only set the flag.
     restore_signals = D.install_signal_handlers()
     _watchdog().flight_recorder_env(run_dir)  # NCCL's flight-recorder dump lands in hangs/ (docs/hangs.md)
     D.clear_stop()
     try:
         # setup() applies cpu_collectives only when the device turns out to be a GPU.
-        env = D.setup(cluster, cpu_collectives=needs_cpu_collectives(cfg.strategy, "cuda"))
+        env = D.setup(cfg.cluster, cpu_collectives=needs_cpu_collectives(cfg.strategy, "cuda"))
     except Exception as e:  # noqa: BLE001 - rendezvous timeout, no GPU for nccl, ...
         restore_signals()
         print(f"train: error: cannot start the process group: {e}", file=sys.stderr, flush=True)
@@ -163,10 +161,13 @@ def _prepare(cfg: "LauncherConfig", env: "DistEnv", run_dir: Path) -> _Prepared:
     strategy = strategies.create(cfg.strategy, cfg.train, env)
     with _as_input_error():
         check_seq_len(cfg.train.seq_len, hf_config(cfg.model))
-        tokenizer = setup.build_tokenizer(cfg.model, cfg.data, run_dir, env)
-        config = hf_config(cfg.model, tokenizer)
-        model = build_model(cfg.model, config=config, seed=seed, tokenizer=tokenizer)
-        model = apply_peft(model, cfg.peft, seed=seed, gradient_checkpointing=cfg.model.gradient_checkpointing)
+        tokenizer = setup.build_tokenizer(cfg.model, cfg.data, run_dir, env, task=cfg.task)
+        config = setup.task_model_config(cfg.task, cfg.data, hf_config(cfg.model, tokenizer), tokenizer)
+        with strategy.building():  # low-memory construction: where each rank builds is the strategy's placement
+            model = build_model(cfg.model, config=config, seed=seed, tokenizer=tokenizer, task=cfg.task.name,
+                                placement=strategy.placement(), quantize=cfg.peft.name == "qlora")
+            model = apply_peft(model, cfg.peft, seed=seed, gradient_checkpointing=cfg.model.gradient_checkpointing,
+                               task=cfg.task.name)
     params = count_parameters(model)
     D.log(
         f"model {type(model).__name__}: {params['total'] / 1e6:.2f}M parameters, "
@@ -186,13 +187,18 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _open_checkpoints(prepared: _Prepared, train: "TrainConfig", env: "DistEnv", run_dir: Path) -> Any:
-    """Wrap the model (the strategy builds its optimizer and scheduler) and open ``<run_dir>/checkpoints``."""
-    from launcher.train.checkpoint import CheckpointManager
+def _open_checkpoints(prepared: _Prepared, cfg: "LauncherConfig", env: "DistEnv", run_dir: Path) -> Any:
+    """Wrap the model (the strategy builds its optimizer and scheduler) and open ``<run_dir>/checkpoints``. A LoRA
+    run's checkpoints hold the adapters and the base's fingerprint, not the frozen base."""
+    from launcher.train.checkpoint import CheckpointManager, async_enabled
+    from launcher.train.frozen_base import base_fingerprint
 
+    train = cfg.train
+    base = base_fingerprint(cfg.model, seed=train.seed) if cfg.peft.name != "none" else None
     prepared.strategy.wrap(prepared.model)
     return CheckpointManager(run_dir / CHECKPOINTS_DIR, env, prepared.strategy, keep_last=train.keep_last,
-                             keep_every=train.keep_every)
+                             keep_every=train.keep_every, frozen_base=base,
+                             async_save=async_enabled(train.async_save, env.device.type))
 
 
 def _config_identity(cfg: "LauncherConfig") -> Tuple[str, Dict[str, Any]]:
@@ -219,14 +225,14 @@ def _export(cfg: "LauncherConfig", prepared: _Prepared, run_dir: Path) -> None:
     from launcher.train.export import export_model
 
     export_model(prepared.strategy, run_dir / EXPORT_DIR, prepared.tokenizer, peft=cfg.peft,
-                 pretrained=cfg.model.pretrained)
+                 pretrained=cfg.model.pretrained, task=cfg.task.name)
 
 
 def _export_only(cfg: "LauncherConfig", env: "DistEnv", run_dir: Path, prepared: _Prepared) -> int:
     """``export_only=true``: export the newest checkpoint; nothing is trained."""
     from launcher.train.checkpoint import CheckpointError
 
-    manager = _open_checkpoints(prepared, cfg.train, env, run_dir)
+    manager = _open_checkpoints(prepared, cfg, env, run_dir)
     if _resume(manager, cfg) is None:
         raise CheckpointError(
             f"export_only=true but {run_dir / CHECKPOINTS_DIR} holds no complete checkpoint to export"
@@ -241,32 +247,37 @@ def _train(cfg: "LauncherConfig", env: "DistEnv", run_dir: Path, prepared: _Prep
     from launcher.train import setup
     from launcher.train.loop import STOPPED
     from launcher.train.metrics import MetricsFile
+    from launcher.train.trackers import open_trackers
 
     train = cfg.train
     with _as_input_error():
         splits = setup.build_datasets(cfg.data, seq_len=train.seq_len, output_dir=cfg.output_dir,
-                                      tokenizer=prepared.tokenizer, env=env, seed=train.seed, run_dir=run_dir)
+                                      tokenizer=prepared.tokenizer, env=env, seed=train.seed, run_dir=run_dir,
+                                      task=cfg.task, labels=setup.labels_of(prepared.config), model=cfg.model)
         sampler = setup.build_sampler(len(splits.train), micro_batch_size=train.micro_batch_size, env=env,
-                                      seed=train.seed)
-    manager = _open_checkpoints(prepared, train, env, run_dir)
+                                      seed=train.seed, grad_accum=train.grad_accum,
+                                      sources=getattr(splits, "sources", None))
+        cfg = setup.apply_epochs(cfg, len(splits.train), env, prepared.strategy)  # train.epochs -> max_steps
+        train = cfg.train
+    manager = _open_checkpoints(prepared, cfg, env, run_dir)
     state = _resume_training(manager, sampler, cfg, env)
-    metrics = MetricsFile(run_dir / METRICS_FILE, resume_step=state.step, enabled=env.is_main)
-    tensorboard = setup.open_tensorboard(train.tensorboard, run_dir, env)
+    trackers = open_trackers(cfg, run_dir, is_main=env.is_main, warn=lambda text: D.log(text, env=env))
+    metrics = MetricsFile(run_dir / METRICS_FILE, resume_step=state.step, enabled=env.is_main, sinks=[trackers])
     trainer = _trainer(cfg, env, prepared, splits=splits, sampler=sampler, checkpoints=manager, metrics=metrics,
-                       tensorboard=tensorboard, state=state)
+                       tensorboard=None, state=state)  # TensorBoard is one of the trackers (metrics.py sends)
     D.log(
         f"ready in {time.perf_counter() - prepared.started:.1f}s: {len(splits.train)} train / {len(splits.eval)} "
         f"eval sequences of {splits.train.seq_len} tokens; global batch {trainer.tokens_per_step} tokens; "
         + (f"resuming at step {state.step}" if state.step else "starting at step 0"), env=env,
     )
     _watchdog().start(train, env, run_dir, metrics)  # the hang watchdog and the straggler report
+    outcome = None
     try:
         outcome = trainer.train()
     finally:
         _watchdog().stop()
         metrics.close()
-        if tensorboard is not None:
-            tensorboard.close()
+        trackers.close(finished=outcome is not None and outcome != STOPPED)
     if outcome == STOPPED:
         D.log(f"stopped at step {state.step} after a checkpoint: exit {EXIT_REQUEUE} (requeue to resume)", env=env)
         return EXIT_REQUEUE

@@ -13,7 +13,7 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, TextIO, Tuple, TypeVar
+from typing import Any, Callable, Dict, Optional, Sequence, TextIO, Tuple, TypeVar
 
 from launcher.plan.devices import DEVICES
 from launcher.plan.flops import flops_per_token as plan_flops
@@ -36,7 +36,7 @@ def count_parameters(model: Any) -> Dict[str, int]:
         if id(param) in seen:
             continue
         seen.add(id(param))
-        n = param.numel()
+        n = logical_numel(param)
         total += n
         if param.requires_grad:
             trainable += n
@@ -49,6 +49,19 @@ def count_parameters(model: Any) -> Dict[str, int]:
         tied = out is not None and getattr(out, "weight", None) is emb
         embedding = 0 if tied else emb.numel()
     return {"total": total, "trainable": trainable, "embedding": embedding}
+
+
+def logical_numel(param: Any) -> int:
+    """Weights a parameter stands for: a bitsandbytes 4-bit parameter packs two per byte (its ``numel`` is the bytes)
+    and keeps the real shape in its ``quant_state``; FLOPs and the parameter count use the real one."""
+    state = getattr(param, "quant_state", None)
+    shape = getattr(state, "shape", None)
+    if shape is not None:
+        n = 1
+        for size in shape:
+            n *= int(size)
+        return n
+    return param.numel()
 
 
 def flops_per_token(params: Dict[str, int], *, num_layers: int, hidden_size: int, seq_len: int) -> float:
@@ -132,12 +145,14 @@ class MetricsFile:
     """``<run_dir>/metrics.jsonl``, one JSON object per line; rank 0 only; kept open, flushed when written.
 
     On (re)start the history is cut back to the resumed step (lines with ``step`` greater are dropped), so the file
-    holds one curve across attempts, as if the run had never been interrupted.
+    holds one curve across attempts, as if the run had never been interrupted. Every record written also goes to
+    ``sinks`` (the experiment trackers, ``launcher.train.trackers.Trackers``): one place where metrics leave the loop.
     """
 
-    def __init__(self, path: Path, *, resume_step: int, enabled: bool) -> None:
+    def __init__(self, path: Path, *, resume_step: int, enabled: bool, sinks: Sequence[Any] = ()) -> None:
         self.path = Path(path)
         self._file: Optional[TextIO] = None
+        self.sinks = list(sinks) if enabled else []
         if not enabled:
             return
         truncate_history(self.path, resume_step)
@@ -148,6 +163,8 @@ class MetricsFile:
             return
         self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
         self._file.flush()
+        for sink in self.sinks:
+            sink.write(record)
 
     def close(self) -> None:
         if self._file is not None:

@@ -1,16 +1,21 @@
 """The model: built from the config's numbers (pretraining from scratch) or loaded from a local directory.
 
-Never a hub call: ``model.pretrained`` must be a local directory (compute nodes are offline). Every rank builds the same
-weights: the build runs under ``torch.manual_seed(seed)``, and the strategies broadcast or shard from there.
+Never a hub call: ``model.pretrained`` must be a local directory (compute nodes are offline). The build runs under
+``torch.manual_seed(seed)``, so every rank that builds real weights builds the same ones. Where and in which dtype is the
+strategy's ``Placement`` (docs/memory-planner.md, "Low-memory loading"): replicated strategies load straight onto
+their device in the dtype they train in; fsdp reads the full weights on rank 0 alone and the other ranks build shapes
+on the meta device; zero3 builds under ``deepspeed.zero.Init``, each rank holding its partition, rank 0 reading.
 Functions take their schema section (``ModelConfig``, ``PeftConfig``); a plain mapping of a section's values (tests,
 tools reading YAML) is merged into it by ``launcher.config.load.section``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -71,17 +76,40 @@ def check_seq_len(seq_len: int, config: Any) -> None:
         _check_positions(seq_len, limit)
 
 
-def build_model(model: ModelConfig, *, config: Any, seed: int, tokenizer: Any = None) -> Any:
-    """The causal LM in fp32 on CPU (strategies move, cast and shard it), seeded and deterministic."""
-    from transformers import AutoModelForCausalLM
+def model_class(task: str = "causal_lm") -> Any:
+    """The transformers auto class of ``task.name``: the job builds, the export writes and the tools load with it."""
+    import transformers
 
+    classes = {"causal_lm": "AutoModelForCausalLM", "classification": "AutoModelForSequenceClassification"}
+    if task not in classes:
+        raise ModelInputError(f"task.name={task!r}: one of {', '.join(classes)}")
+    return getattr(transformers, classes[task])
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where this rank builds the model and in which dtype; the strategy decides (``Strategy.placement()``).
+
+    ``device``: the rank's device for replicated strategies (loaded straight there, no host copy first); ``cpu`` for
+    the rank that reads the full weights of a sharded strategy (fsdp's rank 0; zero3's zero.Init partitions as it
+    builds); ``meta`` for the ranks that get only shapes here and their shards from rank 0 in ``Strategy.wrap``.
+    """
+
+    dtype: torch.dtype = torch.float32
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def empty(self) -> bool:
+        return self.device.type == "meta"
+
+
+def build_model(model: ModelConfig, *, config: Any, seed: int, tokenizer: Any = None, task: str = "causal_lm",
+                placement: Placement = Placement(), quantize: bool = False) -> Any:
+    """The model of ``task`` (a causal LM by default), seeded and deterministic, built where ``placement`` says (by
+    default fp32 on CPU). A pretrained model gets ``config`` (a classification head's labels; the head itself is new)."""
     model = section(model, ModelConfig)
     torch.manual_seed(seed)
-    if model.pretrained:
-        path = _local_dir(model.pretrained, "model.pretrained")
-        lm = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
-    else:
-        lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    lm = _instantiate(model_class(task), model, config, placement, task, quantize)
     if tokenizer is not None:
         vocab = lm.get_input_embeddings().weight.shape[0]
         if len(tokenizer) > vocab:
@@ -90,11 +118,35 @@ def build_model(model: ModelConfig, *, config: Any, seed: int, tokenizer: Any = 
                     f"the tokenizer has {len(tokenizer)} tokens but model.vocab_size={vocab}; "
                     f"set model.vocab_size>={len(tokenizer)}"
                 )
-            lm.resize_token_embeddings(len(tokenizer))
+            # Shapes only on meta ranks (rank 0 sends the values): no mean of the old rows to compute there.
+            lm.resize_token_embeddings(len(tokenizer), mean_resizing=not placement.empty)
     if model.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lm.config.use_cache = False
     return lm
+
+
+def _instantiate(auto: Any, model: ModelConfig, config: Any, placement: Placement, task: str,
+                 quantize: bool = False) -> Any:
+    """The bare model: shapes only (meta), read from ``model.pretrained``, or initialized from ``config``."""
+    if placement.empty:
+        from accelerate import init_empty_weights
+
+        with init_empty_weights(include_buffers=False):  # real buffers (rotary tables): no state dict carries them
+            return auto.from_config(config, dtype=placement.dtype)
+    on_device = placement.device.type != "cpu"  # straight to the device: transformers reads tensor by tensor
+    if model.pretrained:
+        path = _local_dir(model.pretrained, "model.pretrained")
+        extra: Dict[str, Any] = {"config": config, "ignore_mismatched_sizes": True} if task != "causal_lm" else {}
+        if on_device:
+            extra["device_map"] = {"": placement.device}
+        if quantize:  # QLoRA (peft=qlora): bitsandbytes quantizes each linear weight as it loads
+            extra.update(quantization_config=qlora_quantization_config(), device_map={"": placement.device})
+        return auto.from_pretrained(str(path), local_files_only=True, dtype=placement.dtype, **extra)
+    if quantize:
+        raise ModelInputError("peft.name='qlora' needs model.pretrained: a random base in 4 bits learns nothing")
+    with torch.device(placement.device) if on_device else contextlib.nullcontext():
+        return auto.from_config(config, dtype=placement.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -112,8 +164,9 @@ def linear_module_names(model: Any) -> List[str]:
     return sorted(names)
 
 
-def lora_config(peft: PeftConfig) -> Any:
-    """peft's ``LoraConfig`` for the ``peft`` section."""
+def lora_config(peft: PeftConfig, task: str = "causal_lm") -> Any:
+    """peft's ``LoraConfig`` for the ``peft`` section; for classification SEQ_CLS, whose head peft trains in full
+    (``modules_to_save``: it is new, adapters alone could not learn it)."""
     from peft import LoraConfig
 
     peft = section(peft, PeftConfig)
@@ -123,7 +176,7 @@ def lora_config(peft: PeftConfig) -> Any:
         lora_alpha=peft.alpha,
         lora_dropout=peft.dropout,
         target_modules="all-linear" if list(targets) == ["all-linear"] else list(targets),
-        task_type="CAUSAL_LM",
+        task_type="SEQ_CLS" if task == "classification" else "CAUSAL_LM",
     )
 
 
@@ -140,23 +193,39 @@ def check_lora_targets(model: Any, targets: List[str]) -> None:
         )
 
 
-def apply_peft(model: Any, peft: PeftConfig, *, seed: int, gradient_checkpointing: bool = False) -> Any:
+def apply_peft(model: Any, peft: PeftConfig, *, seed: int, gradient_checkpointing: bool = False,
+               task: str = "causal_lm") -> Any:
     """Wrap in LoRA adapters when ``peft.name == lora``; otherwise return the model as is."""
     peft = section(peft, PeftConfig)
     if peft.name == "none":
         return model
-    if peft.name != "lora":
-        raise ModelInputError(f"peft.name={peft.name!r}: only none and lora are supported")
-    from peft import get_peft_model
+    if peft.name not in ("lora", "qlora"):
+        raise ModelInputError(f"peft.name={peft.name!r}: only none, lora and qlora are supported")
+    from peft import get_peft_model, prepare_model_for_kbit_training
 
     check_lora_targets(model, list(peft.target_modules))
+    if peft.name == "qlora":  # fp32 norms and embeddings, input gradients for checkpointing (peft's QLoRA recipe)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(seed + 1)  # the adapters' init, the same on every rank
     with warnings.catch_warnings():  # peft asks transformers a deprecated question; not ours to fix
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        peft_model = get_peft_model(model, lora_config(peft))
+        peft_model = get_peft_model(model, lora_config(peft, task))
     if gradient_checkpointing:
         peft_model.enable_input_require_grads()
     return peft_model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# QLoRA (peft=qlora; docs/models.md): the loading hook of _instantiate
+
+
+def qlora_quantization_config() -> Any:
+    """The QLoRA paper's recipe: 4-bit NF4 base weights, double-quantized block constants, bf16 compute."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
 
 
 def _local_dir(value: str, key: str) -> Path:

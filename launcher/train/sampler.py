@@ -28,10 +28,12 @@ class ResumableSampler:
 
     ``global_batch_size`` is the sequences of one micro-step over all ranks (micro_batch_size x world_size).
     The last incomplete global batch of an epoch is dropped; the next epoch starts with a new permutation.
+    ``grad_accum``: an epoch holds a whole number of optimizer steps (``grad_accum`` global batches), so that
+    ``train.epochs`` x ``steps_per_epoch`` steps are exactly that many passes.
     """
 
     def __init__(self, num_samples: int, *, global_batch_size: int, rank: int, world_size: int, seed: int,
-                 shuffle: bool = True) -> None:
+                 shuffle: bool = True, grad_accum: int = 1) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in a world of size {world_size}")
         if global_batch_size < 1 or global_batch_size % world_size:
@@ -46,6 +48,9 @@ class ResumableSampler:
         self.global_batch_size = global_batch_size
         self.rank, self.world_size = rank, world_size
         self.seed, self.shuffle = seed, shuffle
+        step = global_batch_size * max(1, grad_accum)
+        # Whole optimizer steps per epoch (a split smaller than one step still yields its micro-batches).
+        self._usable = num_samples - num_samples % step if num_samples >= step else num_samples
         self._epoch, self._offset = 0, 0
         self._perm_epoch, self._perm = -1, np.empty(0, dtype=np.int64)
 
@@ -67,7 +72,7 @@ class ResumableSampler:
         return [int(i) for i in indices]
 
     def _roll_over(self) -> None:
-        if self._offset + self.global_batch_size > self.num_samples:
+        if self._offset + self.global_batch_size > self._usable:
             self._epoch, self._offset = self._epoch + 1, 0
 
     def _permutation(self) -> np.ndarray:
@@ -88,6 +93,77 @@ class ResumableSampler:
         self.seed = int(state["seed"])  # the run's data order belongs to the checkpoint, not the new command line
         self._epoch, self._offset = int(state["epoch"]), int(state["offset"])
         self._perm_epoch = -1
+
+
+def steps_per_epoch(num_samples: int, *, micro_batch_size: int, world_size: int, grad_accum: int) -> int:
+    """Optimizer steps in one pass over ``num_samples`` (the sampler drops the last incomplete step's samples)."""
+    return num_samples // (micro_batch_size * world_size * grad_accum)
+
+
+class MixtureSampler:
+    """Draws each sample's source by weight, then the source's next row in its own per-epoch permutation.
+
+    The sources of global batch ``b`` come from a generator seeded by ``(seed, b)``; each source keeps a count of the
+    rows drawn from it, and its j-th row is row ``j % n`` of its permutation for epoch ``j // n``. The state is the
+    batch number and the counts, so a resume continues exactly, on any number of ranks. Indices are into the
+    sources' rows concatenated (``launcher.train.packed.ConcatSplit``).
+    """
+
+    def __init__(self, sizes: list[int], weights: list[float], *, global_batch_size: int, rank: int, world_size: int,
+                 seed: int) -> None:
+        if global_batch_size < 1 or global_batch_size % world_size:
+            raise ValueError(f"global batch of {global_batch_size} does not split evenly over {world_size} ranks")
+        empty = [i for i, n in enumerate(sizes) if n < 1]
+        if empty or len(sizes) != len(weights) or min(weights) <= 0:
+            raise ValueError(f"data.sources: every source needs rows and a weight above 0 (rows {sizes}, weights "
+                             f"{weights})")
+        self.sizes, self.seed = [int(n) for n in sizes], seed
+        self.p = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
+        self.bases = np.cumsum([0, *self.sizes])[:-1]
+        self.global_batch_size, self.rank, self.world_size = global_batch_size, rank, world_size
+        self._batch = 0
+        self._counts = [0] * len(sizes)
+        self._perms: dict[int, tuple[int, np.ndarray]] = {}
+
+    @property
+    def epoch(self) -> int:
+        return 0
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.global_batch_size // self.world_size
+
+    def next_indices(self) -> list[int]:
+        draws = np.random.default_rng([self.seed, 0x6D6978, self._batch]).choice(
+            len(self.sizes), size=self.global_batch_size, p=self.p)
+        batch = [self._next_row(int(s)) for s in draws]  # every rank walks the whole batch: counts stay equal
+        self._batch += 1
+        start = self.rank * self.micro_batch_size
+        return batch[start : start + self.micro_batch_size]
+
+    def _next_row(self, source: int) -> int:
+        n, j = self.sizes[source], self._counts[source]
+        epoch = j // n
+        cached = self._perms.get(source)
+        if cached is None or cached[0] != epoch:
+            cached = (epoch, np.random.default_rng([self.seed, source, epoch]).permutation(n))
+            self._perms[source] = cached
+        self._counts[source] = j + 1
+        return int(self.bases[source] + cached[1][j % n])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"mixture": True, "batch": self._batch, "counts": list(self._counts), "seed": self.seed,
+                "sizes": list(self.sizes)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if not state.get("mixture"):
+            raise ValueError("the checkpoint's data order is not a mixture's (data.sources changed since it was saved)")
+        if list(state["sizes"]) != self.sizes:
+            log.warning("resuming a mixture saved over sources of %s rows on sources of %s: the order differs",
+                        state["sizes"], self.sizes)
+        self.seed = int(state["seed"])
+        self._batch, self._counts = int(state["batch"]), [int(c) for c in state["counts"]]
+        self._perms.clear()
 
 
 def eval_indices(num_samples: int, *, batch_size: int, rank: int, world_size: int, num_batches: int

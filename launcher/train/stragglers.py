@@ -23,6 +23,8 @@ import time
 from collections import deque
 from typing import Any, Deque, List, Optional, Sequence
 
+from launcher.rundir import attempt_number
+
 MAX_WINDOW = 256
 WARN_AFTER = 3
 WARN_EVERY = 10  # windows between repeated warnings for the same straggler
@@ -84,6 +86,8 @@ class RankHooks:
         self.env, self.metrics = env, metrics
         last = env.world_size - 1
         self.hang_step = train.debug_hang_at_step
+        if train.debug_hang_attempts is not None and attempt_number() > int(train.debug_hang_attempts):
+            self.hang_step = None  # a later attempt (e.g. resubmitted around the "bad" node) trains on
         self.hang_rank = last if train.debug_hang_rank is None else int(train.debug_hang_rank)
         self.hang_in = train.debug_hang_in
         self.slow_rank = train.debug_slow_rank

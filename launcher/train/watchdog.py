@@ -28,7 +28,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Deque, Dict, Iterator, List, Optional
 
-from launcher.rundir import ENV_ATTEMPT, EXIT_HANG, HANG_NODE_FILE, HANG_REASON_FILE, hang_dir
+from launcher.rundir import EXIT_HANG, HANG_NODE_FILE, HANG_REASON_FILE, attempt_number, hang_dir
 
 FLOOR_S = 600.0
 STEP_FACTOR = 20.0
@@ -40,15 +40,6 @@ STACK_FILE = "rank-{rank}.txt"
 HEADER_END = "---"
 NCCL_TRACE_DIR = "nccl"  # its own folder: torchfrtrace reads every file of the folder it is given
 NCCL_TRACE_FILE = "nccl-trace-rank-"  # + rank (torch appends it to TORCH_FR_DUMP_TEMP_FILE itself)
-
-
-def attempt_number(environ: Optional[Dict[str, str]] = None) -> int:
-    """This attempt's number: the batch script's LAUNCHER_ATTEMPT, else Slurm's restart count + 1, else 1."""
-    env = os.environ if environ is None else environ
-    try:
-        return int(env.get(ENV_ATTEMPT) or int(env.get("SLURM_RESTART_COUNT", "0")) + 1)
-    except ValueError:
-        return 1
 
 
 class Watchdog:

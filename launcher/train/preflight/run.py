@@ -233,7 +233,8 @@ class _Session:
                                   device_name=self.device_name,
                                   cpus_per_task=self.cluster.cpus_per_task if self.cluster is not None else None)
             if any(r.get("attention") for r in records):
-                from launcher.train.attention_probe import planner_assumes_flash, record_findings
+                from launcher.plan.devices import planner_assumes_flash
+                from launcher.train.attention_probe import record_findings
 
                 found += [Finding(**f) for f in record_findings(
                     records, planner_assumes_flash=planner_assumes_flash(self.device_name))]

@@ -2,11 +2,13 @@
 
 A strategy owns the wrapped model, the optimizer and the LR scheduler. The loop, the checkpoints and the export call:
 
+    placement() / building()       where and in which dtype each rank builds the model, and the context it is built in
     wrap(model)                    shard/replicate the model, build optimizer + scheduler
     forward_backward(batch, last)  one micro-batch (already on the device): forward, loss, backward (scaled for
                                    gradient accumulation); returns the unscaled loss, detached, on the device
     step()                         clip, optimizer step, scheduler step, zero grads; returns the grad norm (a tensor)
     save(dir) / load(dir)          this rank's part of a checkpoint (every rank calls both)
+    save_async(dir)                the same in the background where the engine can (a future), else save(dir)
     full_state_dict()              the whole model's weights on rank 0 (a collective; None on other ranks)
 
 Data attributes: ``spec`` (the strategy's row in ``launcher.config.strategies``), ``env``, ``precision`` (fp32 or
@@ -17,10 +19,12 @@ checkpoint checks, scheduler state, export) lives with its caller.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 from abc import ABC, abstractmethod
+from concurrent.futures import Future
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, ContextManager, Dict, List, Optional, Tuple
 
 import torch
 
@@ -30,6 +34,7 @@ from launcher.train.schedule import build_scheduler
 
 if TYPE_CHECKING:
     from launcher.config.schema import StrategyConfig, TrainConfig
+    from launcher.train.modeling import Placement
 
 # AdamW settings shared by every strategy (torch AdamW and DeepSpeedCPUAdam).
 ADAM_BETAS = (0.9, 0.95)
@@ -98,6 +103,18 @@ class Strategy(ABC):
         self.optimizer: Any = None
         self.scheduler: Any = None
 
+    def placement(self) -> "Placement":
+        """Where and in which dtype this rank builds the model (``launcher.train.modeling.build_model``). Default:
+        straight onto the rank's device in the training precision, no host copy first (zero1/zero2; ddp, fsdp and
+        zero3 override it)."""
+        from launcher.train.modeling import Placement
+
+        return Placement(dtype=torch.bfloat16 if self.precision == "bf16" else torch.float32, device=self.env.device)
+
+    def building(self) -> ContextManager[None]:
+        """Held while the model is built (zero3: the DeepSpeed config that makes transformers build under zero.Init)."""
+        return contextlib.nullcontext()
+
     @abstractmethod
     def wrap(self, model: torch.nn.Module) -> None:
         """Place, wrap or shard ``model``; build the optimizer and the scheduler."""
@@ -113,6 +130,13 @@ class Strategy(ABC):
     @abstractmethod
     def save(self, directory: Path) -> None:
         """Write this rank's part of the model and optimizer under ``directory``, each file fsynced."""
+
+    def save_async(self, directory: Path) -> Optional["Future[Any]"]:
+        """Start writing what ``save`` writes, in the background (collective). Returns a future that resolves once
+        this rank's files are on disk (on rank 0: every rank's), or None for an engine that saves only
+        synchronously: then the files are on disk when it returns."""
+        self.save(directory)
+        return None
 
     @abstractmethod
     def load(self, directory: Path) -> None:

@@ -1,7 +1,8 @@
 """ddp: torch DistributedDataParallel; every rank holds the whole model and optimizer. Checkpoints via DCP.
 
 bf16 is ``torch.autocast`` around the model's forward (fp32 weights, gradients and optimizer): the one strategy that
-casts by autocast, so it sits inside the model, and training and evaluation forwards both get it.
+casts by autocast, so it sits inside the model, and training and evaluation forwards both get it. Each rank loads or
+builds the model straight onto its device in fp32 (``placement``): no host copy first.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from launcher.train.modeling import Placement
 from launcher.train.strategies import dcp
 from launcher.train.strategies.base import build_optimizer_and_scheduler
 
@@ -45,6 +47,10 @@ def autocast_forward(forward: Callable[..., Any], device_type: str) -> Callable[
 
 class DDPStrategy(dcp.TorchNativeStrategy):
     """Replicated model; gradients all-reduced once per step (``no_sync`` on the other micro-batches)."""
+
+    def placement(self) -> Placement:
+        # Straight onto the device in fp32, the dtype DDP keeps its weights in whatever the precision (autocast).
+        return Placement(dtype=torch.float32, device=self.env.device)
 
     def wrap(self, model: torch.nn.Module) -> None:
         model.to(self.env.device)

@@ -6,8 +6,11 @@
 - Scheduler: ours (warmup + cosine), stepped by the engine at each accumulation boundary.
 - Batch: ``train_micro_batch_size_per_gpu`` = train.micro_batch_size,
   ``gradient_accumulation_steps`` = train.grad_accum.
-- Checkpoints: ``save_checkpoint``/``load_checkpoint`` under ``<checkpoint>/deepspeed/``. ZeRO partitions are per rank:
-  resuming on another world size is refused with what to do instead.
+- Checkpoints: ``save_checkpoint``/``load_checkpoint`` under ``<checkpoint>/deepspeed/``, frozen parameters left out.
+  ZeRO partitions are per rank: on another world size the resume goes through DeepSpeed's universal checkpoint
+  (``launcher.train.strategies.universal``). Saves are synchronous (docs/checkpoints.md says why).
+- Model construction (``placement``/``building``): zero1/zero2 load straight onto the device in the training
+  precision; zero3 builds under ``HfDeepSpeedConfig`` + ``deepspeed.zero.Init`` (only rank 0 reads the checkpoint).
 - Export: ZeRO-3 gathers the weights layer by layer onto rank 0 (``_zero3_consolidated_16bit_state_dict``, the
   ``stage3_gather_16bit_weights_on_model_save`` path); ZeRO-1/2 hold full weights on every rank.
 """
@@ -32,6 +35,7 @@ from launcher.train.strategies.base import (
 
 if TYPE_CHECKING:
     from launcher.config.schema import StrategyConfig, TrainConfig
+    from launcher.train.modeling import Placement
 
 TAG = "deepspeed"
 # LoRA + zero3 + non-reentrant gradient checkpointing fails before 0.19.3 (transformers #47254, deepspeed PR #8148);
@@ -122,16 +126,48 @@ def checkpoint_problem(directory: Path) -> Optional[str]:
 class DeepSpeedStrategy(Strategy):
     """The DeepSpeed engine at the spec's ZeRO stage; it casts (bf16) and steps the scheduler itself."""
 
+    _hf_ds_config: Any = None  # zero3, while the model is built (``building``)
+
     def __init__(self, strategy_cfg: "StrategyConfig", train: "TrainConfig", env: DistEnv) -> None:
         super().__init__(strategy_cfg, train, env)
         self._norm = torch.zeros((), dtype=torch.float32, device=env.device)  # the grad norm, reused every step
         _quiet_deepspeed()
 
+    def _ds_config(self) -> Dict[str, Any]:
+        return deepspeed_config(self.strategy_cfg, self.train, world_size=self.env.world_size,
+                                precision=self.precision, device_type=self.env.device.type)
+
+    def placement(self) -> "Placement":
+        if self.spec.zero_stage != 3:
+            return super().placement()  # zero1/zero2: straight onto the device in the training precision
+        # zero.Init partitions each layer onto the device as it is built; rank 0 reads the weights on the host.
+        from launcher.train.modeling import Placement
+
+        return Placement(dtype=torch.bfloat16 if self.precision == "bf16" else torch.float32)
+
+    @contextlib.contextmanager
+    def building(self) -> Iterator[None]:
+        """zero3: while the model is built, transformers sees our DeepSpeed config (``HfDeepSpeedConfig``), so
+        from_pretrained and from_config build under ``deepspeed.zero.Init``: each rank keeps only its partition, and
+        only rank 0 reads the checkpoint (the others read shapes). Unset afterwards: models built later (the export's
+        clean copy on rank 0) must not be partitioned."""
+        if self.spec.zero_stage != 3:
+            yield
+            return
+        from transformers.integrations import HfDeepSpeedConfig
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        self._hf_ds_config = HfDeepSpeedConfig(self._ds_config())  # transformers keeps a weak reference only
+        try:
+            yield
+        finally:
+            unset_hf_deepspeed_config()
+            self._hf_ds_config = None
+
     def wrap(self, model: torch.nn.Module) -> None:
         import deepspeed
 
-        ds_config = deepspeed_config(self.strategy_cfg, self.train, world_size=self.env.world_size,
-                                     precision=self.precision, device_type=self.env.device.type)
+        ds_config = self._ds_config()
         optimizer = self._client_optimizer(model)
         scheduler = build_scheduler(optimizer, self.train)
         engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
@@ -170,15 +206,27 @@ class DeepSpeedStrategy(Strategy):
         from launcher.train.checkpoint import fsync_file
 
         with _recording_saves(self.model.checkpoint_engine) as written:
-            self.model.save_checkpoint(str(directory), tag=TAG, client_state={}, save_latest=False)
+            # Frozen parameters (a LoRA base) stay out: the checkpoint holds the base's fingerprint instead.
+            self.model.save_checkpoint(str(directory), tag=TAG, client_state={}, save_latest=False,
+                                       exclude_frozen_parameters=True)
         if self.env.is_main:  # rank 0 also copied DeepSpeed's recovery scripts (zero_to_fp32.py) into the directory
             written += [str(p) for p in Path(directory).glob("*.py")]
         for path in written:  # this rank's files only: nobody fsyncs them again
             fsync_file(Path(path))
 
     def load(self, directory: Path) -> None:
+        from launcher.train.strategies import universal
+
+        # Frozen parameters are not in the checkpoint (save): they are the base this run rebuilt.
+        strict = all(p.requires_grad for p in self.module.parameters())
+        saved = universal.saved_world_size(directory, TAG)
+        if saved and saved != self.env.world_size:  # ZeRO partitions of another world size
+            universal.load_universal(self.model, Path(directory), TAG, strict=strict, is_main=self.env.is_main,
+                                     device=self.env.device)
+            return
         path, _ = self.model.load_checkpoint(
-            str(directory), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+            str(directory), tag=TAG, load_module_strict=strict, load_optimizer_states=True,
+            load_lr_scheduler_states=True,
         )
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}/{TAG}")

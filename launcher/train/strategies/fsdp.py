@@ -10,6 +10,11 @@
   one reduce-scatter per micro-batch that overlaps with backward anyway (measured in docs/training.md).
 - CPU offload on GPUs: the gradient norm is reduced over CPU DTensors, so the process group gets gloo for CPU tensors
   beside NCCL (``needs_cpu_collectives``; see launcher.train.distributed.process_group_backend).
+- Low-memory construction (``placement``): rank 0 alone reads (or initializes) the full weights, on the host, in the
+  training precision; the other ranks build shapes on the meta device. ``wrap`` turns every parameter into an empty
+  fp32 one, shards the shapes, and ``load_full_weights`` sends rank 0's values into every rank's shards
+  (``set_model_state_dict(..., broadcast_from_rank0=True)``), a chunk of tensors at a time cast to fp32 and freed once
+  sent: rank 0 holds at most the weights as read plus one fp32 chunk, the others only their shards.
 - Checkpoints: torch.distributed.checkpoint, sharded; a different world size reshards on load.
 - Export: ``get_model_state_dict(full_state_dict=True, cpu_offload=True)`` onto rank 0.
 FSDP1 is not used: its full-state-dict CPU offload crashes on CPU (see shared/reference/stack-on-cpu.md).
@@ -23,10 +28,14 @@ import torch
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
 from launcher.config.strategies import needs_cpu_collectives
+from launcher.train.modeling import Placement
 from launcher.train.strategies import dcp
 from launcher.train.strategies.base import build_optimizer_and_scheduler
 
 checkpoint_problem = dcp.checkpoint_problem  # the registry's per-engine check: DCP files
+
+SHARD_DTYPE = torch.float32  # sharded master weights (bf16 compute comes from the mixed-precision policy)
+CHUNK_BYTES = 1 << 30  # rank 0 casts and broadcasts this much fp32 at a time
 
 
 def decoder_layers(model: torch.nn.Module) -> List[torch.nn.Module]:
@@ -43,8 +52,63 @@ def decoder_layers(model: torch.nn.Module) -> List[torch.nn.Module]:
     return layers
 
 
+def params_to_meta(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Replace every parameter by an empty one (shape and ``requires_grad`` only) of ``dtype``; tied ones stay tied."""
+    empty: Dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is None:
+                continue
+            if id(param) not in empty:
+                meta = torch.empty_like(param, device="meta", dtype=dtype)
+                empty[id(param)] = torch.nn.Parameter(meta, requires_grad=param.requires_grad)
+            module._parameters[name] = empty[id(param)]
+
+
+def _chunks(full: Dict[str, torch.Tensor], limit: int) -> List[List[str]]:
+    chunks: List[List[str]] = [[]]
+    size = 0
+    for key, value in full.items():
+        if chunks[-1] and size + value.numel() * 4 > limit:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(key)
+        size += value.numel() * 4
+    return chunks
+
+
+def load_full_weights(model: torch.nn.Module, full: Optional[Dict[str, torch.Tensor]], *, cpu_offload: bool = False,
+                      chunk_bytes: int = CHUNK_BYTES) -> None:
+    """Collective: rank 0's full state dict (``full``; None elsewhere) into the shards of the sharded ``model``.
+    ``full`` is emptied chunk by chunk: rank 0 frees what it has sent, so its shards replace the full copy."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    keys = [_chunks(full, chunk_bytes) if full is not None else None]
+    dist.broadcast_object_list(keys, src=0)  # every rank makes the same number of calls
+    # strict=False: each call carries one chunk; the check below covers the whole model.
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, cpu_offload=cpu_offload, strict=False)
+    for chunk in keys[0]:
+        part = {} if full is None else {
+            k: full[k].to(SHARD_DTYPE) if full[k].is_floating_point() else full[k] for k in chunk
+        }
+        set_model_state_dict(model, part, options=options)
+        del part
+        for k in chunk if full is not None else ():
+            del full[k]
+    missing = [name for name, param in model.named_parameters() if param.is_meta]
+    if missing:
+        raise RuntimeError(f"fsdp: rank 0 sent no weights for {missing[:5]} ({len(missing)} parameters)")
+
+
 class FSDPStrategy(dcp.TorchNativeStrategy):
     """One ``fully_shard`` per decoder layer and one on the root; the mixed-precision policy casts."""
+
+    def placement(self) -> Placement:
+        if not self.env.is_main:
+            return Placement(dtype=SHARD_DTYPE, device=torch.device("meta"))
+        # The one full copy: on the host (a whole large model fits no single GPU), in the training precision.
+        return Placement(dtype=torch.bfloat16 if self.precision == "bf16" else torch.float32)
 
     def wrap(self, model: torch.nn.Module) -> None:
         from torch.distributed.device_mesh import init_device_mesh
@@ -55,11 +119,13 @@ class FSDPStrategy(dcp.TorchNativeStrategy):
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         if needs_cpu_collectives(self.strategy_cfg, self.env.device.type):
             kwargs["offload_policy"] = CPUOffloadPolicy()
-        # No model.to(device): fully_shard moves each layer's states to the mesh device as it shards them, so the
-        # whole unsharded model never sits on one GPU.
+        # Rank 0's weights as read; then every rank shards shapes only and receives its shards from rank 0.
+        full = dict(model.state_dict()) if self.env.is_main else None
+        params_to_meta(model, SHARD_DTYPE)
         for layer in decoder_layers(model):
             fully_shard(layer, **kwargs)
         fully_shard(model, **kwargs)
+        load_full_weights(model, full, cpu_offload="offload_policy" in kwargs)  # empties ``full``
         self.model = model
         self.module = model
         self.optimizer, self.scheduler = build_optimizer_and_scheduler(model, self.train)
