@@ -34,7 +34,8 @@ def _parser() -> ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="torch seed for sampling")
     parser.add_argument("--model", default="auto", choices=("auto", "adapter", "merged"),
                         help="LoRA runs: the merged model if it exists (auto), or base + adapter")
-    parser.add_argument("--output", metavar="FILE", help=f"JSON Lines to append to (default RUN_DIR/{GENERATIONS_FILE})")
+    parser.add_argument("--output", metavar="FILE",
+                        help=f"JSON Lines to append to (default RUN_DIR/{GENERATIONS_FILE})")
     parser.add_argument("--submit", action="store_true",
                         help="run as a one-GPU job on the run's cluster (its smallest shareable partition)")
     return parser

@@ -148,7 +148,13 @@ builder is None or builder.load(verbose=False)" >"$LOGS/deepspeed_op.log" 2>&1 \
         || echo "gpu_smoke: building DeepSpeed's CPU op failed (see $LOGS/deepspeed_op.log); the zero* runs may fail too"
 fi
 
+# Every run reads the same data: a shared tokenized cache, and the tokenizer the reference run trained (the runs after
+# it skip training a tokenizer and tokenizing).
+COMMON+=("data.cache_dir=$OUT/cache")
+# The dry run checks the strategies' numbers; the preflight checks a GPU allocation, of which a CPU has none.
+[ "$DRY" = 1 ] && COMMON+=(train.preflight=false)
 run_one reference ddp fp32 cpu
+[ -d "$OUT/smoke-reference/tokenizer" ] && COMMON+=("model.tokenizer=$OUT/smoke-reference/tokenizer")
 for strategy in "${STRATEGIES[@]}"; do
     run_one "$strategy" "$strategy" "$PRECISION"
 done

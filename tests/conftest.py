@@ -44,15 +44,17 @@ class TrainLauncher:
     def __init__(self, root: Path) -> None:
         self.root = root
 
-    def make_run(self, name: str, overrides: Sequence[str] = ()) -> Path:
-        from omegaconf import OmegaConf
+    def make_run(self, name: str, overrides: Sequence[str] = (), *, login_checks: bool = True) -> Path:
+        """A run directory with the config a user would get: composed, validated and resolved as the command line
+        does (a test cannot train with a config the launcher refuses). ``login_checks=False`` only for tests of the
+        job's own guards against what the login node could not see."""
+        from launcher.config import compose, validated
+        from launcher.rundir import write_config
 
-        from launcher.config import compose
-
-        cfg = compose([*BASE_OVERRIDES, f"output_dir={self.root}", f"run_name={name}", *overrides])
+        overrides = [*BASE_OVERRIDES, f"output_dir={self.root}", f"run_name={name}", *overrides]
+        cfg = validated(overrides) if login_checks else compose(overrides)
         run_dir = self.root / name
-        run_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        write_config(run_dir, cfg)
         return run_dir
 
     def env(self, extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from launcher.plan.devices import planner_assumes_flash
 from launcher.plan.job import make_plan
 from launcher.plan.summary import cluster_summary, planned_attention
 from launcher.train import attention_probe as A
@@ -122,9 +123,9 @@ def test_record_findings_group_ranks_and_round_trip_through_json() -> None:
 
 
 def test_planner_assumption() -> None:
-    assert A.planner_assumes_flash("mi250x_gcd") and A.planner_assumes_flash("a100_64gb")
-    assert A.planner_assumes_flash(None)  # no profile: a local GPU run expects flash too
-    assert not A.planner_assumes_flash("cpu")
+    assert planner_assumes_flash("mi250x_gcd") and planner_assumes_flash("a100_64gb")
+    assert planner_assumes_flash(None)  # no profile: a local GPU run expects flash too
+    assert not planner_assumes_flash("cpu")
 
 
 def test_probe_shape_follows_the_model() -> None:
@@ -285,4 +286,4 @@ def test_summary_line_matches_what_the_memory_plan_counted(monkeypatch, cluster)
     M.strategy_fits(cfg, 2)
     flash = captured["flash_attention"]
     assert planned_attention(cfg).startswith("flash" if flash else "eager")
-    assert A.planner_assumes_flash(cfg.cluster.device) == flash
+    assert planner_assumes_flash(cfg.cluster.device) == flash

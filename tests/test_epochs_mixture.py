@@ -20,7 +20,8 @@ EXAMPLES = Path("/work/shared/examples") if Path("/work/shared/examples").is_dir
 # 380 train records (5 % of 400 held out) / (8 per rank x 2 ranks x 2 accumulation) = 11 optimizer steps per epoch.
 EPOCH_RUN = [f"data.path={EXAMPLES / 'instructions.jsonl'}", "train.seq_len=64", "train.micro_batch_size=8",
              "train.grad_accum=2", "train.max_steps=200", "train.epochs=2", "train.eval_every=1000",
-             "train.save_every=1000", "train.log_every=1", "train.warmup_steps=2"]
+             "train.save_every=1000", "train.log_every=1", "train.warmup_steps=2", "train.preflight=false",
+             "train.export=false"]
 STEPS_PER_EPOCH = 380 // (8 * 2 * 2)
 
 
@@ -119,7 +120,7 @@ def test_epochs_run_exactly_two_passes_and_resume_mid_epoch(train_launcher: Trai
     _wait_for_step(stopped, [proc], STEPS_PER_EPOCH + 2)  # inside the second epoch
     os.killpg(proc.pid, signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 3 and "after a checkpoint: exit 3" in out, out[-3000:]
+    assert "after a checkpoint: exit 3" in out, out[-3000:]  # torchrun's own agent exits 1 on the SIGTERM
     assert STEPS_PER_EPOCH < max(r["step"] for r in records(stopped)) < 2 * STEPS_PER_EPOCH
     resumed = train_launcher.torchrun(stopped)
     check_ok(resumed)

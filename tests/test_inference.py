@@ -2,7 +2,7 @@
 
 Two tiny runs on 2 CPU ranks: full fine-tuning on instruction records the test writes (80 records, 8 held out: one
 eval batch per rank covers each held-out row once, so the loop's last eval_loss is over the same rows as the
-command's), and LoRA on the chat example (its prompts go through the chat template).
+command's), and LoRA on the text corpus.
 """
 
 from __future__ import annotations
@@ -42,8 +42,7 @@ def lm_runs(train_launcher: TrainLauncher, tmp_path_factory: pytest.TempPathFact
         "train.eval_batches=2", "train.save_every=0",
     ])
     lora = train_launcher.make_run("gen-lora", [
-        "data=chat", "peft=lora", "train.seq_len=64", "train.max_steps=6", "train.lr=1e-2", "train.eval_every=0",
-        "train.save_every=0",
+        "peft=lora", "train.max_steps=6", "train.lr=1e-2", "train.eval_every=0", "train.save_every=0",
     ])
     for run_dir in (full, lora):
         check_ok(train_launcher.torchrun(run_dir))
@@ -107,7 +106,7 @@ def test_generate_from_a_full_run(lm_runs: Dict[str, Path], tmp_path: Path) -> N
 def test_lora_generates_the_same_from_the_adapter_and_the_merged_model(lm_runs: Dict[str, Path]) -> None:
     run_dir = lm_runs["lora"]
     assert not (run_dir / "export" / "merged").exists()
-    args = ["--prompt", "Hello, who are you?", "--prompt", "Tell me a story", "--max-new-tokens", "8"]
+    args = ["--prompt", "The", "--prompt", "Once upon a time", "--max-new-tokens", "8"]
     _ok(_tool("launcher.generate", str(run_dir), "--model", "adapter", *args))
     _ok(_tool("launcher.export", str(run_dir), "--merge"))
     assert (run_dir / "export" / "merged" / "config.json").is_file()
@@ -115,21 +114,28 @@ def test_lora_generates_the_same_from_the_adapter_and_the_merged_model(lm_runs: 
     adapter, merged = _generations(run_dir)[:2], _generations(run_dir)[2:]
     assert [r["weights"] for r in adapter + merged] == ["adapter"] * 2 + ["merged"] * 2
     assert [r["completion"] for r in adapter] == [r["completion"] for r in merged]
-    assert any(r["completion"] for r in adapter)
+    assert all(r["completion"] for r in adapter), adapter
 
 
 @pytest.mark.slow
-def test_chat_runs_prompt_through_the_chat_template(lm_runs: Dict[str, Path]) -> None:
+def test_prompts_are_shaped_as_the_run_trained(lm_runs: Dict[str, Path]) -> None:
+    """Chat runs: the chat template (one user turn, the assistant's opening); instruction runs: the instruction
+    template; text runs: the prompt itself. The format comes from the run's data (detected when config.yaml has
+    none)."""
+    import dataclasses
+
     from transformers import AutoTokenizer
 
     from launcher.train.exported import find_export
     from launcher.train.inference import prompt_text
 
-    export = find_export(lm_runs["lora"])
-    tokenizer = AutoTokenizer.from_pretrained(export.directory)
-    assert export.data_format == "chat"
-    assert prompt_text(export, tokenizer, "Hi") == "<s><|user|>\nHi</s><|assistant|>\n"
-    assert prompt_text(find_export(lm_runs["full"]), tokenizer, "Hi").endswith("### Instruction:\nHi\n\n### Response:\n")
+    instruction, text = find_export(lm_runs["full"]), find_export(lm_runs["lora"])
+    assert (instruction.data_format, text.data_format) == ("instruction", "text")
+    tokenizer = AutoTokenizer.from_pretrained(instruction.directory)
+    assert prompt_text(instruction, tokenizer, "Hi") == "<s>### Instruction:\nHi\n\n### Response:\n"
+    assert prompt_text(text, tokenizer, "Hi") == "Hi"
+    chat = dataclasses.replace(text, data_format="chat")
+    assert prompt_text(chat, tokenizer, "Hi") == "<s><|user|>\nHi</s><|assistant|>\n"
 
 
 @pytest.mark.slow
@@ -217,7 +223,7 @@ def test_evaluate_after_is_a_follow_up_job(tmp_path: Path) -> None:
     from login_helpers import run_launcher
 
     done = run_launcher(["+cluster=local_slurm", "train.evaluate_after=true", "run_name=evalafter", "train.max_steps=4",
-                         "train.seq_len=32", "train.micro_batch_size=4", "train.eval_every=0", "train.save_every=0",
+                         "train.seq_len=32", "train.micro_batch_size=4", "train.eval_every=4", "train.save_every=4",
                          "train.log_every=1"], cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     (train_id,) = re.findall(r"submitted job (\d+)", done.stdout)

@@ -1,7 +1,7 @@
 """Low-memory model construction (issue 15), on 2 CPU ranks and a tiny Llama.
 
 One torchrun of this file (``_worker``) builds the model the way the job does (``strategy.building()``,
-``build_model(placement=strategy.placement())``, ``strategy.wrap``) for ddp, fsdp and zero3, from a checkpoint saved
+``build_model(placement=...)``, ``strategy.wrap``) for ddp, fsdp and zero3, from a checkpoint saved
 with ``save_pretrained``, from the config, and with LoRA, and reports per rank:
 
 - what the rank holds before wrap: fsdp's rank 1 only meta parameters, zero3's ranks only their partitions (no full
@@ -73,8 +73,8 @@ def _case(env: Any, strategy_name: str, source: str, peft_name: str, checkpoint_
     peft = PeftConfig(name=peft_name)
     train = TrainConfig(max_steps=2, warmup_steps=0, micro_batch_size=2, lr=1e-2)
     strategy = strategies.create(StrategyConfig(name=strategy_name), train, env)
-    with strategy.building():
-        model = build_model(model_cfg, config=hf_config(model_cfg), seed=0, placement=strategy.placement())
+    with strategy.building() as placement:
+        model = build_model(model_cfg, config=hf_config(model_cfg), seed=0, placement=placement)
         model = apply_peft(model, peft, seed=0)
     result: Dict[str, Any] = {"held": _held(model)}
     strategy.wrap(model)

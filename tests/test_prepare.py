@@ -59,9 +59,12 @@ def test_one_and_two_workers_write_the_same_cache_in_units(tmp_path, tokenizer, 
     assert (np.asarray(one.train.tokens)[offsets[1:] - 1] == eos).all()  # each document ends with eos
 
 
-def test_cache_key_hashes_content_and_verify_reads_it_all(tmp_path, tokenizer):
+def test_cache_key_hashes_content_and_verify_reads_it_all(tmp_path, tokenizer, monkeypatch):
+    from launcher.train import data_cache
+
+    monkeypatch.setattr(data_cache, "EDGE_BYTES", 16_384)  # the file's ends, as the first and last MiB of a big file
     path = tmp_path / "c.txt"
-    lines = [f"document {i} about the ball and the cup" for i in range(40000)]  # about 1.5 MB
+    lines = [f"document {i} about the ball and the cup" for i in range(5000)]  # about 190 kB
     path.write_text("\n".join(lines) + "\n")
     first = build(path, tokenizer, tmp_path / "cache")
     stat = path.stat()
@@ -130,3 +133,21 @@ def test_bad_input_is_one_line_before_anything_runs(tmp_path, args, expected):
     done = prepare_cli([*args, f"output_dir={tmp_path}"], tmp_path)
     assert done.returncode == 2 and expected in done.stderr, done.stderr
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) <= 2
+
+
+def test_mixture_prepared_in_process_shows_tokens_per_source_in_the_summary(tmp_path):
+    from launcher.plan.summary import local_summary
+    from launcher.prepare.work import prepare
+
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text((EXAMPLES_DIR / "corpus.txt").read_text())
+    b.write_text("\n".join(t.replace("\n", " ") for t in iter_texts(EXAMPLES_DIR / "aac_chat.jsonl")) + "\n")
+    args = [f"data.sources=[{{path: '{a}', weight: 0.8}}, {{path: '{b}', weight: 0.2}}]",
+            f"output_dir={tmp_path / 'runs'}", "run_name=mix", "train.seq_len=32"]
+    cfg = config(args)
+    report = prepare(cfg, tmp_path / "runs" / "mix", emit=lambda line: None)
+    assert [s["weight"] for s in report["sources"]] == [0.8, 0.2]
+    summary = local_summary(config(args), 2, str(tmp_path / "runs" / "mix"))
+    for source in report["sources"]:
+        assert f"weight {source['weight']:g}, {source['rows']:,} train" in summary, summary
+        assert f"{source['tokens']:,} train tokens" in summary, summary

@@ -626,7 +626,9 @@ def test_cli_without_any_slurm_is_fast_and_light(tmp_path):
     assert lines[2].split()[3] == "UNKNOWN" and len(lines) == 6
     assert "no Slurm commands" in result.stderr and "HEAVY []" in result.stderr
     took = float(result.stderr.split("TOOK ")[1].split()[0])
-    assert took < 0.3, f"status took {took:.3f} s"
+    # The light imports are what keeps it fast (HEAVY above); the clock only catches a gross regression, with room for a
+    # loaded CI machine (0.1 s when quiet; benchmarks/login_latency.py measures the login path properly).
+    assert took < 1.0, f"status took {took:.3f} s"
 
 
 def test_cli_json_with_stub_slurm(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -44,8 +45,29 @@ def test_a_missing_tracker_package_is_refused_before_the_job():
     with pytest.raises(ConfigError) as error:
         check_packages(tree, find=lambda name: None if name == "wandb" else object())
     assert error.value.field == "train.trackers" and "eurohpc-launcher[wandb]" in str(error.value)
-    # A container job: the image's Python runs the job, not this one; the job checks when it starts.
+    # A container job whose image is not on this machine: the job checks when it starts.
     check_packages(composed(["+cluster=lumi", "train.trackers=[wandb]"]), find=lambda name: None)
+
+
+def test_a_container_job_asks_the_image_s_python(tmp_path, monkeypatch):
+    """A container job: the image's packages count. A fake runtime stands in for singularity: it runs the probe in a
+    Python without site-packages, as an image without wandb would."""
+    from launcher.config.check_values import check_packages
+
+    runtime = tmp_path / "bin" / "singularity"
+    runtime.parent.mkdir()
+    runtime.write_text(f'#!/bin/sh\nwhile [ "$1" != "-c" ]; do shift; done\nexec {sys.executable} -S "$@"\n')
+    runtime.chmod(0o755)
+    image = tmp_path / "image.sif"
+    image.write_text("")
+    monkeypatch.setenv("PATH", f"{runtime.parent}{os.pathsep}{os.environ['PATH']}")
+    tree = composed(["+cluster=lumi", "train.trackers=[wandb]", f"cluster.container.image={image}"])
+    with pytest.raises(ConfigError) as error:
+        check_packages(tree, find=lambda name: object())  # this Python has it: it does not count
+    assert error.value.field == "train.trackers" and "wandb installed in the Python that runs the job (the image)" in (
+        str(error.value))
+    image.unlink()  # the image is not on this machine: the job checks when it starts
+    check_packages(tree)
 
 
 def test_tensorboard_true_is_the_tensorboard_tracker():
@@ -88,6 +110,33 @@ def test_a_failing_tracker_warns_once_and_training_goes_on():
     assert len(warnings) == 1 and "tracker bad failed (OSError: disk full)" in warnings[0]
 
 
+def test_tensorboard_alias_and_mlflow_reopen_in_process(tmp_path):
+    """train.tensorboard=true writes the tensorboard tracker; a second open continues the MLflow run of trackers.json."""
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("mlflow")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from launcher.train.trackers import open_trackers
+
+    cfg = config(["train.tensorboard=true", "train.trackers=[mlflow]", f"output_dir={tmp_path}"])
+    for steps, finished in (((1, 2), False), ((3,), True)):  # two attempts
+        trackers = open_trackers(cfg, tmp_path, is_main=True, warn=pytest.fail)
+        assert [t.name for t in trackers.trackers] == ["mlflow", "tensorboard"]
+        for step in steps:
+            trackers.write({"step": step, "loss": 1.0 / step, "mfu": None})
+        trackers.write({"step": steps[-1], "eval_loss": 0.5})
+        trackers.close(finished=finished)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3] and "eval/loss" in events.Tags()["scalars"]
+    run_id = json.loads((tmp_path / TRACKERS_FILE).read_text())["mlflow"]["run_id"]
+    assert _mlflow_losses(tmp_path) == {run_id: {1: 1.0, 2: 0.5, 3: pytest.approx(1 / 3)}}
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(tracking_uri=(tmp_path / "mlruns").as_uri()).get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params["train.tensorboard"] == "True"
+
+
 # ------------------------------------------------------------------------------------------------ status: wandb sync
 
 
@@ -121,17 +170,34 @@ def test_status_prints_wandb_sync_for_finished_runs_until_synced(tmp_path):
 # ------------------------------------------------------------------------------------------------ end to end
 
 
+def _wandb_records(path: Path) -> List[bytes]:
+    """The records of a .wandb file: W&B's header (":W&B", magic, version), then LevelDB's log format (32 KiB blocks
+    of records with a 7-byte header: crc32, length, type full/first/middle/last)."""
+    data, block, pos, out, pending = path.read_bytes(), 32768, 7, [], b""
+    assert data[:4] == b":W&B", path
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind == 1:
+            out.append(chunk)
+        elif kind in (2, 3):
+            pending = (pending if kind == 3 else b"") + chunk
+        elif kind == 4:
+            out.append(pending + chunk)
+    return out
+
+
 def _wandb_history(run_dir: Path) -> List[Dict[str, object]]:
-    """(run id, step, train/loss) of every history row in the offline .wandb files, read with wandb's own reader."""
+    """(run id, step, train/loss) of every history row in the offline .wandb files, parsed with wandb's protobuf."""
     from wandb.proto import wandb_internal_pb2
-    from wandb.sdk.internal import datastore
 
     rows = []
     for path in sorted((run_dir / "wandb").glob("offline-run-*/*.wandb")):
-        store = datastore.DataStore()
-        store.open_for_scan(str(path))
         run_id = None
-        while (data := store.scan_data()) is not None:
+        for data in _wandb_records(path):
             record = wandb_internal_pb2.Record()
             record.ParseFromString(data)
             kind = record.WhichOneof("record_type")

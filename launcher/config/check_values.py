@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 import sys
+from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 from launcher.config.schema import DATA_FORMATS, PEFT_METHODS, TRACKERS
@@ -17,7 +19,7 @@ from launcher.errors import ConfigError
 # field -> (lowest allowed, highest allowed, whether the lowest is allowed itself); None: unbounded.
 _TRAIN_RANGES: dict[str, tuple[Optional[float], Optional[float], bool]] = {
     "max_steps": (1, None, True), "micro_batch_size": (1, None, True), "grad_accum": (1, None, True),
-    "seq_len": (1, None, True), "save_every": (1, None, True), "eval_every": (1, None, True),
+    "seq_len": (1, None, True), "save_every": (0, None, True), "eval_every": (0, None, True),  # 0: off
     "log_every": (1, None, True), "keep_last": (1, None, True), "eval_batches": (1, None, True),
     "lr": (0, None, False), "min_lr_ratio": (0, 1, True), "warmup_steps": (0, None, True),
     "weight_decay": (0, None, True), "grad_clip": (0, None, True), "debug_step_sleep_s": (0, None, True),
@@ -72,12 +74,22 @@ def check_training(cfg: Mapping[str, Any]) -> None:
     for key, (low, high, low_ok) in _TRAIN_RANGES.items():
         check_number(f"train.{key}", cfg["train"][key], low, high, low_ok)
     one_of("train.debug_hang_in", cfg["train"].get("debug_hang_in", "collective"), ("collective", "sleep"))
+    _check_checkpointing(cfg)
     for key, (low, high, low_ok) in _BUDGET_RANGES.items():
         check_number(f"budget.{key}", cfg["budget"][key], low, high, low_ok)
     _check_model(cfg["model"], cfg["train"]["seq_len"])
     if cfg["nproc_per_node"] is not None:
         check_number("nproc_per_node", cfg["nproc_per_node"], 1, None)
     check_number("nodes", cfg["nodes"], 1, None)
+
+
+def _check_checkpointing(cfg: Mapping[str, Any]) -> None:
+    """A Slurm job must checkpoint on its own: a crash (or a node failure) at hour 23 must not lose the run. Locally,
+    train.save_every=0 (only at the end and on a stop) is allowed."""
+    train = cfg["train"]
+    if cfg.get("cluster") is not None and train["save_every"] == 0 and not train["save_every_minutes"]:
+        raise ConfigError("train.save_every", 0, "a step count >= 1 for a Slurm job (or set train.save_every_minutes)",
+                          "a job that crashes would lose everything since its start")
 
 
 def _check_strategy(strategy: Mapping[str, Any]) -> None:
@@ -142,24 +154,22 @@ def _check_qlora(cfg: Mapping[str, Any]) -> None:
     if cfg["peft"]["name"] != "qlora":
         return
     from launcher.config.strategies import strategy_spec
-    from launcher.plan.memory import QLORA_DEVICES, QLORA_STRATEGIES
+    from launcher.plan.memory import QLORA_CPU_SINCE, QLORA_DEVICES, QLORA_STRATEGIES
 
     strategy = cfg["strategy"]["name"]
     if strategy not in QLORA_STRATEGIES:
-        raise ConfigError("strategy.name", strategy, "ddp with peft=qlora (one or more GPUs, each with the whole "
-                          "4-bit model)", _QLORA_REFUSED.get(strategy_spec(strategy).engine, ""))
+        raise ConfigError("strategy.name", strategy, "ddp with peft=qlora (every rank holds the whole 4-bit "
+                          "model)", _QLORA_REFUSED.get(strategy_spec(strategy).engine, ""))
     cluster = cfg.get("cluster")
-    if cluster:
+    if cluster and cluster["device"] != "cpu":
         if cluster["device"] not in QLORA_DEVICES:
             raise ConfigError("cluster.device", cluster["device"], "a GPU bitsandbytes runs 4-bit on with peft=qlora: "
                               + ", ".join(QLORA_DEVICES), "bitsandbytes' ROCm backend is not verified on LUMI's "
                               "MI250X stack (and uses other block sizes): use peft=lora there")
-    else:
-        from launcher.local import visible_gpus
-
-        if not visible_gpus():
-            raise ConfigError("peft.name", "qlora", "a run with an NVIDIA GPU (bitsandbytes' 4-bit kernels)",
-                              "this machine has none: use peft=lora here, or +cluster=leonardo")
+    elif (cluster or not _local_gpus()) and not _bnb_runs_on_cpu():  # CPU ranks: bitsandbytes' CPU backend
+        since = ".".join(map(str, QLORA_CPU_SINCE))
+        raise ConfigError("peft.name", "qlora", f"a run with an NVIDIA GPU, or bitsandbytes >= {since} for CPU ranks "
+                          f"(installed here: {_bnb_version() or 'none'})", "pip install -U bitsandbytes, or peft=lora")
     if cfg["model"]["pretrained"] is None and not cfg["dry_run"]:
         raise ConfigError("model.pretrained", None, "a pretrained model with peft=qlora (a random base quantized to "
                           "4 bits learns nothing)", "set model.pretrained=DIR or a Hub id; dry_run=true shows the plan")
@@ -170,6 +180,31 @@ def _check_qlora(cfg: Mapping[str, Any]) -> None:
     if cfg["peft"]["merge_on_export"]:
         raise ConfigError("peft.merge_on_export", True, "false with peft=qlora (merging into a 4-bit base rounds "
                           "the adapters away)", "merge the adapter into the bf16 base offline")
+
+
+def _local_gpus() -> int:
+    from launcher.local import visible_gpus
+
+    return visible_gpus()
+
+
+def _bnb_version() -> Optional[str]:
+    """The installed bitsandbytes' version, read from its metadata (importing it would import torch)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("bitsandbytes")
+    except PackageNotFoundError:
+        return None
+
+
+def _bnb_runs_on_cpu() -> bool:
+    """bitsandbytes' CPU backend (4-bit NF4 on CPU ranks: local runs without a GPU, the local_slurm profile)."""
+    from launcher.plan.memory import QLORA_CPU_SINCE
+
+    found = _bnb_version()
+    numbers = tuple(int(part) for part in re.findall(r"\d+", found or "")[:2])
+    return found is not None and numbers >= QLORA_CPU_SINCE
 
 
 def _check_trackers(train: Mapping[str, Any]) -> None:
@@ -188,9 +223,10 @@ def _check_trackers(train: Mapping[str, Any]) -> None:
 
 
 def check_packages(cfg: Mapping[str, Any], find: Callable[[str], Any] = importlib.util.find_spec) -> None:
-    """The optional packages the job imports (the trackers, bitsandbytes for qlora), checked where the login node can
-    see the job's Python: a local run, or a cluster job without a container that runs this interpreter. A container's
-    packages cannot be seen without starting the image: the job checks them first (exit 2, the same line)."""
+    """The optional packages the job imports (the trackers, bitsandbytes for qlora), in the Python that will run it:
+    this interpreter for a local run or a cluster job without a container or ``cluster.python``; the image's Python
+    for a container job, asked by starting the image once when its runtime and file are on this machine (else the
+    job checks them first: exit 2, the same line). Another ``cluster.python`` is only checked by the job."""
     from launcher.train.trackers import tracker_names  # stdlib only at import: the job's one rule
 
     train = cfg["train"]
@@ -198,11 +234,39 @@ def check_packages(cfg: Mapping[str, Any], find: Callable[[str], Any] = importli
     if cfg["peft"]["name"] == "qlora":
         needed.append(("peft.name", "bitsandbytes"))
     cluster = cfg.get("cluster") or {}
-    if not needed or cluster.get("container") or cluster.get("python"):
+    if not needed or (cluster.get("python") and not cluster.get("container")):
         return
+    if cluster.get("container"):
+        missing, where = _missing_in_image(cluster["container"], [package for _, package in needed]), "the image"
+    else:
+        missing, where = [package for _, package in needed if find(package) is None], sys.executable
     for field, package in needed:
-        if find(package) is None:
+        if package in missing:
             extra = {"bitsandbytes": "qlora"}.get(package, package)
             raise ConfigError(field, package if field == "train.trackers" else "qlora",
-                              f"{package} installed in the Python that runs the job ({sys.executable})",
+                              f"{package} installed in the Python that runs the job ({where})",
                               f"pip install 'eurohpc-launcher[{extra}]' (or pip install {package})")
+
+
+_PROBE = "import importlib.util as u, sys; print(' '.join(n for n in sys.argv[1:] if u.find_spec(n) is None))"
+
+
+def _missing_in_image(container: Mapping[str, Any], packages: list) -> list:
+    """The packages the container image's Python lacks; [] when it cannot be asked from here (no runtime or image on
+    this machine, a runtime error, over a minute): the job checks them when it starts."""
+    import shutil
+    import subprocess
+
+    from launcher.config.load import section
+    from launcher.config.schema import ContainerConfig
+    from launcher.container.exec import exec_command
+
+    image = Path(str(container.get("image") or ""))
+    if not shutil.which(str(container.get("runtime") or "")) or not image.is_file():
+        return []
+    argv = exec_command(section(dict(container), ContainerConfig), code_dir=None) + ["-c", _PROBE, *packages]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return done.stdout.split() if done.returncode == 0 else []

@@ -224,14 +224,14 @@ class TrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     seed: int = 1234
-    save_every: int = 50
+    save_every: int = 50  # 0: only on time, at the end and on a stop (local runs only: validation)
     save_every_minutes: Optional[float] = None
     keep_last: int = 2
     keep_every: Optional[int] = None
     # Write checkpoints in the background (ddp, fsdp: DCP async_save; zero* save synchronously): the loop waits only
     # for the copy into host memory. None: on when the job runs on GPUs, off on CPU (docs/checkpoints.md).
     async_save: Optional[bool] = None
-    eval_every: int = 50
+    eval_every: int = 50  # 0: no evaluation
     eval_batches: int = 4
     log_every: int = 10  # as conf/training/default.yaml: each log step is a host sync and an all-reduce
     tensorboard: bool = False  # the same as listing tensorboard in trackers (kept for older configs)

@@ -54,9 +54,11 @@ NF4_DQ_BLOCKSIZE = 256
 NF4_BYTES_PER_PARAM = 0.5 + 1 / NF4_BLOCKSIZE + 4 / (NF4_BLOCKSIZE * NF4_DQ_BLOCKSIZE)  # 0.5159 (4.127 bits)
 # Where QLoRA runs (launcher.config.check_values refuses the rest, with the reasons of docs/models.md): ddp only (ZeRO
 # casts and partitions the 4-bit weights; our fsdp is FSDP2, which bitsandbytes' FSDP recipe does not cover), on the
-# CUDA devices bitsandbytes' wheels support (its ROCm backend is not verified on LUMI's MI250X stack).
+# CUDA devices bitsandbytes' wheels support (its ROCm backend is not verified on LUMI's MI250X stack), and on CPU
+# ranks with a bitsandbytes that has its CPU backend (QLORA_CPU_SINCE and later).
 QLORA_STRATEGIES = ("ddp",)
 QLORA_DEVICES = ("a100_64gb", "h100_80gb")
+QLORA_CPU_SINCE = (0, 48)
 
 
 def nf4_bytes(n_params: int) -> int:
@@ -72,8 +74,8 @@ def qlora_quantized_params(shape: ModelShape) -> int:
 def _qlora_note(quantized: int, frozen: int, largest: int) -> str:
     return (f"qlora: {quantized / 1e9:.2f}B base weights in NF4 at 0.5 B + absmax per {NF4_BLOCKSIZE} (8-bit, fp32 per "
             f"{NF4_DQ_BLOCKSIZE}) = {NF4_BYTES_PER_PARAM:.4f} B/param = {gib(nf4_bytes(quantized)):.2f} GiB; "
-            f"{(frozen - quantized) / 1e9:.2f}B kept (embeddings, lm_head, norms: fp32 + bf16 copies); one layer "
-            f"dequantized at a time ({gib(largest * 2):.2f} GiB)")
+            f"{(frozen - quantized) / 1e9:.2f}B kept as for ddp (embeddings, lm_head, norms); one layer dequantized "
+            f"to bf16 at a time ({gib(largest * 2):.2f} GiB)")
 
 
 @dataclass(frozen=True)
@@ -267,17 +269,18 @@ def estimate_memory(
         parameters = (trainable + frozen - quantized_params) * (4 + b.param)
         gradients, optimizer = trainable * 4, trainable * 8
         notes.append("ddp: fp32 weights under autocast + their 16-bit copies (6 B/param), fp32 grads and Adam")
-        if quantized_params:
-            largest = max(shape.intermediate_size, shape.q_dim) * shape.hidden_size if shape else 0
-            parameters += nf4_bytes(quantized_params) + largest * 2
-            notes.append(_qlora_note(quantized_params, frozen, largest))
     else:
-        parameters = _share(trainable * b.param, world_size, stage >= 3) + _share(frozen * b.param, world_size,
-                                                                                  stage >= 3)
+        parameters = _share(trainable * b.param, world_size, stage >= 3) + _share(
+            (frozen - quantized_params) * b.param, world_size, stage >= 3)
         # DeepSpeed accumulates gradients in fp32 (data_types.grad_accum_dtype, like DDP and FSDP): 4 B, not 2.
         grad_bytes = 4 if strategy_spec(strategy).engine == "deepspeed" else b.grad
         gradients = _share(trainable * grad_bytes, world_size, stage >= 2)
         optimizer = _share(trainable * b.optim, world_size, stage >= 1)
+
+    if quantized_params:
+        largest = max(shape.intermediate_size, shape.q_dim) * shape.hidden_size if shape else 0
+        parameters += nf4_bytes(quantized_params) + largest * 2
+        notes.append(_qlora_note(quantized_params, frozen, largest))
 
     offloaded = 0
     if offload_optimizer:

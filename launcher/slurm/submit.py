@@ -56,8 +56,8 @@ def submit(cfg: LauncherConfig, plan: JobPlan) -> Any:
 
 
 def evaluation_partition(cluster: Any) -> str:
-    """Where a one-device job of a finished run's tools (evaluate, generate) goes: the training partition unless it takes whole nodes only, else the
-    shareable partition of the profile with the fewest nodes (LUMI: small-g)."""
+    """Where a one-device job of a finished run's tools (evaluate, generate) goes: the training partition unless it
+    takes whole nodes only, else the shareable partition of the profile with the fewest nodes (LUMI: small-g)."""
     limits = cluster.partitions.get(cluster.partition)
     if limits is None or not limits.exclusive:
         return cluster.partition

@@ -40,6 +40,6 @@ def wandb_sync_notes(runs: List[Any]) -> List[str]:
         pending = unsynced_wandb_runs(Path(run.run_dir)) if finished(run) else []
         if pending:
             dirs = " ".join(shlex.quote(str(path)) for path in pending)
-            notes.append(f"{run.name}: W&B ran offline; upload it from the login node: wandb sync --include-offline "
+            notes.append(f"{run.name}: W&B ran offline; upload it from the login node: wandb sync "
                          f"{dirs}")
     return notes

@@ -16,9 +16,9 @@ A save (every rank takes part):
 6. barrier.
 
 With ``train.async_save`` (ddp, fsdp) step 3 only copies the state to host memory and returns; DCP writes the files in
-a background thread, and steps 4-5 run in a second one (rank 0) once DCP's future says that every rank's files are on
-disk. The loop goes on training meanwhile; the final save (the last step, a stop signal) is synchronous and first
-waits for the one in flight.
+a background thread, and step 5 runs in a second one (rank 0) once DCP's future says that every rank's files are on
+disk (no barriers: DCP's own collectives order the ranks). The loop goes on training meanwhile; the final save (the
+last step, a stop signal) is synchronous and first waits for the one in flight.
 
 A directory counts as a checkpoint only when it is named ``step-<N>`` and its ``COMPLETE`` manifest matches the files
 (names and sizes): a crash or ``kill -9`` at any point leaves either the previous checkpoint or a ``.tmp`` that resume

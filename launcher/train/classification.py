@@ -109,7 +109,7 @@ def prepare_splits(data: "DataConfig", task: "TaskConfig", tokenizer: Any, seq_l
                                         what=f"labelled records in {data.path}")
     split = {name: LabelledSplit(rows[0][idx], rows[1][idx], classes[idx], len(names))
              for name, idx in (("train", train_idx), ("eval", eval_idx))}
-    meta = {"records": len(records), "labels": names, "truncated": int(sum(len(e) >= seq_len for e in encoded))}
+    meta = {"records": len(records), "labels": names, "at_seq_len": int(sum(len(e) >= seq_len for e in encoded))}
     return LabelledSplits(train=split["train"], eval=split["eval"], labels=names, meta=meta)
 
 

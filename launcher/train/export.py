@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Dict, Optional
 
 import torch
 
+from launcher.rundir import MERGED_DIR
 from launcher.train.distributed import barrier, log
 
 if TYPE_CHECKING:
@@ -96,6 +97,8 @@ def write_export(
                     task=task)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
+        if (tmp / MERGED_DIR).is_dir():  # the merged model is standalone: it carries the tokenizer too
+            tokenizer.save_pretrained(tmp / MERGED_DIR)
     if directory.exists():
         shutil.rmtree(directory)
     tmp.rename(directory)
@@ -116,7 +119,6 @@ def _write_peft(
 ) -> None:
     from peft import get_peft_model, set_peft_model_state_dict
 
-    from launcher.rundir import MERGED_DIR
     from launcher.train.modeling import lora_config
 
     # A trained head (classification: peft's modules_to_save copy) belongs to the adapter; its frozen original to

@@ -50,7 +50,8 @@ def load_tasks(names: List[str], include: Optional[str]) -> Dict[str, Any]:
         except Exception as error:  # noqa: BLE001 - datasets' offline errors have many types
             missing.append(f"{name} ({type(error).__name__}: {str(error).splitlines()[0][:160]})")
     if missing:
-        raise UserError("--lm-eval", ",".join(names), "datasets not in the local cache (offline): " + "; ".join(missing),
+        raise UserError("--lm-eval", ",".join(names),
+                        "datasets not in the local cache (offline): " + "; ".join(missing),
                         "download them on a machine with network into the HF cache the job uses (HF_HOME)")
     return tasks
 

@@ -78,8 +78,8 @@ class Trainer:
         self.max_steps = int(train.max_steps)
         self.accum = int(train.grad_accum)
         self.log_every = max(1, int(train.log_every))
-        self.eval_every = int(train.eval_every or 0)
-        self.save_every = int(train.save_every or 0)
+        self.eval_every = int(train.eval_every)  # 0: off
+        self.save_every = int(train.save_every)  # 0: off
         self.save_every_s = float(train.save_every_minutes) * 60 if train.save_every_minutes else None
         self.sleep_s = float(train.debug_step_sleep_s or 0.0)
         self.tokens_per_step = int(train.micro_batch_size) * self.accum * env.world_size * splits.train.seq_len

@@ -163,9 +163,9 @@ def _prepare(cfg: "LauncherConfig", env: "DistEnv", run_dir: Path) -> _Prepared:
         check_seq_len(cfg.train.seq_len, hf_config(cfg.model))
         tokenizer = setup.build_tokenizer(cfg.model, cfg.data, run_dir, env, task=cfg.task)
         config = setup.task_model_config(cfg.task, cfg.data, hf_config(cfg.model, tokenizer), tokenizer)
-        with strategy.building():  # low-memory construction: where each rank builds is the strategy's placement
+        with strategy.building() as placement:  # low-memory construction: the strategy says where each rank builds
             model = build_model(cfg.model, config=config, seed=seed, tokenizer=tokenizer, task=cfg.task.name,
-                                placement=strategy.placement(), quantize=cfg.peft.name == "qlora")
+                                placement=placement, quantize=cfg.peft.name == "qlora")
             model = apply_peft(model, cfg.peft, seed=seed, gradient_checkpointing=cfg.model.gradient_checkpointing,
                                task=cfg.task.name)
     params = count_parameters(model)
@@ -178,11 +178,15 @@ def _prepare(cfg: "LauncherConfig", env: "DistEnv", run_dir: Path) -> _Prepared:
 
 def _quiet_libraries() -> None:
     """Silence warnings that are not ours to fix, and per-file progress bars (they make unreadable Slurm logs)."""
+    import logging
     import warnings
 
     from transformers.utils import logging as hf_logging
 
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"deepspeed(\.|$)")
+    # bitsandbytes (imported by peft when installed) warns at import that an optional CPU kernel package is missing;
+    # its plain torch path runs instead.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     hf_logging.disable_progress_bar()
 

@@ -88,7 +88,7 @@ def model_class(task: str = "causal_lm") -> Any:
 
 @dataclass(frozen=True)
 class Placement:
-    """Where this rank builds the model and in which dtype; the strategy decides (``Strategy.placement()``).
+    """Where this rank builds the model and in which dtype; the strategy decides (``Strategy.building()`` yields it).
 
     ``device``: the rank's device for replicated strategies (loaded straight there, no host copy first); ``cpu`` for
     the rank that reads the full weights of a sharded strategy (fsdp's rank 0; zero3's zero.Init partitions as it
@@ -111,7 +111,8 @@ def build_model(model: ModelConfig, *, config: Any, seed: int, tokenizer: Any = 
     torch.manual_seed(seed)
     lm = _instantiate(model_class(task), model, config, placement, task, quantize)
     if tokenizer is not None:
-        vocab = lm.get_input_embeddings().weight.shape[0]
+        weight = lm.get_input_embeddings().weight
+        vocab = getattr(weight, "ds_shape", weight.shape)[0]  # a zero.Init partition is flat: its real shape
         if len(tokenizer) > vocab:
             if not model.pretrained:
                 raise ModelInputError(
@@ -145,8 +146,23 @@ def _instantiate(auto: Any, model: ModelConfig, config: Any, placement: Placemen
         return auto.from_pretrained(str(path), local_files_only=True, dtype=placement.dtype, **extra)
     if quantize:
         raise ModelInputError("peft.name='qlora' needs model.pretrained: a random base in 4 bits learns nothing")
-    with torch.device(placement.device) if on_device else contextlib.nullcontext():
+    return _initialized(auto, config, placement, on_device)
+
+
+def _initialized(auto: Any, config: Any, placement: Placement, on_device: bool) -> Any:
+    """From the config, the way zero3's zero.Init build initializes (transformers' ``initialize_weights_zero3``):
+    no constructor init (it would draw random numbers only to be overwritten), then ``_init_weights`` module by module,
+    so that every strategy starts from the same weights under the same seed."""
+    from transformers import initialization
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():  # zero3's building(): transformers partitions and initializes itself
         return auto.from_config(config, dtype=placement.dtype)
+    with torch.device(placement.device) if on_device else contextlib.nullcontext():
+        with initialization.no_init_weights():
+            lm = auto.from_config(config, dtype=placement.dtype)
+        lm.init_weights()
+    return lm
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -222,7 +238,13 @@ def apply_peft(model: Any, peft: PeftConfig, *, seed: int, gradient_checkpointin
 
 def qlora_quantization_config() -> Any:
     """The QLoRA paper's recipe: 4-bit NF4 base weights, double-quantized block constants, bf16 compute."""
+    import importlib.util
+
     from transformers import BitsAndBytesConfig
+
+    if importlib.util.find_spec("bitsandbytes") is None:  # a container image without it: one line, exit 2
+        raise ModelInputError("peft.name='qlora' needs bitsandbytes in the job's Python (the container image): "
+                              "pip install 'eurohpc-launcher[qlora]'")
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=torch.bfloat16)

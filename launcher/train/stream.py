@@ -20,7 +20,6 @@ import logging
 import math
 import multiprocessing
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,10 +166,9 @@ def tokenize_units(units: list[Unit], tokenizer: Any, parts: Path, *, workers: i
             if progress:
                 progress(results[-1])
         return results
-    # fork is cheapest (the workers need this module and the tokenizer's JSON only), but not after torch started its
-    # threads (rank 0 inside a job): spawn there.
-    forkable = "fork" in multiprocessing.get_all_start_methods() and "torch" not in sys.modules
-    ctx = multiprocessing.get_context("fork" if forkable else "spawn")
+    # fork, as datasets.map does: the workers use this module, numpy and the tokenizer's JSON only (never torch), and
+    # spawn would re-run the caller's __main__ in every worker.
+    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
     with ctx.Pool(workers, initializer=_init_worker, initargs=init) as pool:
         for result in pool.imap(tokenize_unit, units):
             results.append(result)

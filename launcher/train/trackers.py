@@ -21,7 +21,6 @@ import json
 import math
 import os
 import time
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Protocol, Sequence
 
@@ -175,6 +174,10 @@ class MlflowTracker:
 
     def __init__(self, uri: str, experiment: str, run_id: Optional[str], run_name: str,
                  config: Dict[str, Any]) -> None:
+        if uri.startswith("file:"):
+            # MLflow 3 keeps the file store in maintenance mode and refuses it unless asked: it is the one store that
+            # needs no server and no database on a parallel file system (SQLite's locking is unreliable on Lustre).
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=uri)
@@ -251,6 +254,8 @@ def _open_one(name: str, cfg: "LauncherConfig", run_dir: Path, config: Dict[str,
     if name == "tensorboard":
         return TensorBoardTracker(run_dir / TENSORBOARD_DIR, cfg.run_name, config)
     if name == "wandb":
+        import uuid
+
         ids.setdefault("wandb", {"id": uuid.uuid4().hex[:12]})
         return WandbTracker(run_dir, ids["wandb"]["id"], cfg.run_name, train.tracker_project, config)
     uri = mlflow_uri(train, run_dir)

@@ -2,7 +2,7 @@
 
 A strategy owns the wrapped model, the optimizer and the LR scheduler. The loop, the checkpoints and the export call:
 
-    placement() / building()       where and in which dtype each rank builds the model, and the context it is built in
+    building()                     a context for building the model; yields where and in which dtype (Placement)
     wrap(model)                    shard/replicate the model, build optimizer + scheduler
     forward_backward(batch, last)  one micro-batch (already on the device): forward, loss, backward (scaled for
                                    gradient accumulation); returns the unscaled loss, detached, on the device
@@ -24,7 +24,7 @@ import importlib.metadata
 from abc import ABC, abstractmethod
 from concurrent.futures import Future
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ContextManager, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -67,7 +67,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict[str, 
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
-            (decay if param.dim() >= 2 else no_decay).append(param)
+            # ZeRO-3 partitions (built under zero.Init) are flat: their ds_shape is the parameter's real shape.
+            (decay if len(getattr(param, "ds_shape", param.shape)) >= 2 else no_decay).append(param)
     if not decay and not no_decay:
         raise ValueError("the model has no trainable parameters (peft settings froze everything?)")
     groups = [{"params": decay, "weight_decay": float(weight_decay)}]
@@ -103,17 +104,18 @@ class Strategy(ABC):
         self.optimizer: Any = None
         self.scheduler: Any = None
 
-    def placement(self) -> "Placement":
-        """Where and in which dtype this rank builds the model (``launcher.train.modeling.build_model``). Default:
-        straight onto the rank's device in the training precision, no host copy first (zero1/zero2; ddp, fsdp and
-        zero3 override it)."""
+    @contextlib.contextmanager
+    def building(self) -> Iterator["Placement"]:
+        """Held while the model (and its adapters) are built; yields where and in which dtype this rank builds it
+        (``launcher.train.modeling.build_model(placement=...)``). zero3 adds its DeepSpeed config for transformers."""
+        yield self._placement()
+
+    def _placement(self) -> "Placement":
+        """Default: straight onto the rank's device in the training precision, no host copy first (zero1/zero2; ddp,
+        fsdp and zero3 override it)."""
         from launcher.train.modeling import Placement
 
         return Placement(dtype=torch.bfloat16 if self.precision == "bf16" else torch.float32, device=self.env.device)
-
-    def building(self) -> ContextManager[None]:
-        """Held while the model is built (zero3: the DeepSpeed config that makes transformers build under zero.Init)."""
-        return contextlib.nullcontext()
 
     @abstractmethod
     def wrap(self, model: torch.nn.Module) -> None:

@@ -48,7 +48,7 @@ def autocast_forward(forward: Callable[..., Any], device_type: str) -> Callable[
 class DDPStrategy(dcp.TorchNativeStrategy):
     """Replicated model; gradients all-reduced once per step (``no_sync`` on the other micro-batches)."""
 
-    def placement(self) -> Placement:
+    def _placement(self) -> Placement:
         # Straight onto the device in fp32, the dtype DDP keeps its weights in whatever the precision (autocast).
         return Placement(dtype=torch.float32, device=self.env.device)
 

@@ -9,7 +9,7 @@
 - Checkpoints: ``save_checkpoint``/``load_checkpoint`` under ``<checkpoint>/deepspeed/``, frozen parameters left out.
   ZeRO partitions are per rank: on another world size the resume goes through DeepSpeed's universal checkpoint
   (``launcher.train.strategies.universal``). Saves are synchronous (docs/checkpoints.md says why).
-- Model construction (``placement``/``building``): zero1/zero2 load straight onto the device in the training
+- Model construction (``building``): zero1/zero2 load straight onto the device in the training
   precision; zero3 builds under ``HfDeepSpeedConfig`` + ``deepspeed.zero.Init`` (only rank 0 reads the checkpoint).
 - Export: ZeRO-3 gathers the weights layer by layer onto rank 0 (``_zero3_consolidated_16bit_state_dict``, the
   ``stage3_gather_16bit_weights_on_model_save`` path); ZeRO-1/2 hold full weights on every rank.
@@ -137,29 +137,34 @@ class DeepSpeedStrategy(Strategy):
         return deepspeed_config(self.strategy_cfg, self.train, world_size=self.env.world_size,
                                 precision=self.precision, device_type=self.env.device.type)
 
-    def placement(self) -> "Placement":
+    def _placement(self) -> "Placement":
         if self.spec.zero_stage != 3:
-            return super().placement()  # zero1/zero2: straight onto the device in the training precision
+            return super()._placement()  # zero1/zero2: straight onto the device in the training precision
         # zero.Init partitions each layer onto the device as it is built; rank 0 reads the weights on the host.
         from launcher.train.modeling import Placement
 
         return Placement(dtype=torch.bfloat16 if self.precision == "bf16" else torch.float32)
 
     @contextlib.contextmanager
-    def building(self) -> Iterator[None]:
+    def building(self) -> Iterator["Placement"]:
         """zero3: while the model is built, transformers sees our DeepSpeed config (``HfDeepSpeedConfig``), so
         from_pretrained and from_config build under ``deepspeed.zero.Init``: each rank keeps only its partition, and
         only rank 0 reads the checkpoint (the others read shapes). Unset afterwards: models built later (the export's
         clean copy on rank 0) must not be partitioned."""
         if self.spec.zero_stage != 3:
-            yield
+            yield self._placement()
             return
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
         from transformers.integrations import HfDeepSpeedConfig
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
+        # zero.Init reads the world size from deepspeed.comm: wrap our process group there first, as initialize does.
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
+                                   dist_init_required=False, verbose=False)
         self._hf_ds_config = HfDeepSpeedConfig(self._ds_config())  # transformers keeps a weak reference only
         try:
-            yield
+            yield self._placement()
         finally:
             unset_hf_deepspeed_config()
             self._hf_ds_config = None

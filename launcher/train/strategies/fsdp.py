@@ -10,7 +10,7 @@
   one reduce-scatter per micro-batch that overlaps with backward anyway (measured in docs/training.md).
 - CPU offload on GPUs: the gradient norm is reduced over CPU DTensors, so the process group gets gloo for CPU tensors
   beside NCCL (``needs_cpu_collectives``; see launcher.train.distributed.process_group_backend).
-- Low-memory construction (``placement``): rank 0 alone reads (or initializes) the full weights, on the host, in the
+- Low-memory construction (``building``/``_placement``): rank 0 alone reads (or initializes) the full weights, on the host, in the
   training precision; the other ranks build shapes on the meta device. ``wrap`` turns every parameter into an empty
   fp32 one, shards the shapes, and ``load_full_weights`` sends rank 0's values into every rank's shards
   (``set_model_state_dict(..., broadcast_from_rank0=True)``), a chunk of tensors at a time cast to fp32 and freed once
@@ -104,7 +104,7 @@ def load_full_weights(model: torch.nn.Module, full: Optional[Dict[str, torch.Ten
 class FSDPStrategy(dcp.TorchNativeStrategy):
     """One ``fully_shard`` per decoder layer and one on the root; the mixed-precision policy casts."""
 
-    def placement(self) -> Placement:
+    def _placement(self) -> Placement:
         if not self.env.is_main:
             return Placement(dtype=SHARD_DTYPE, device=torch.device("meta"))
         # The one full copy: on the host (a whole large model fits no single GPU), in the training precision.
