@@ -57,6 +57,11 @@ PREFLIGHT_DIR = "preflight"
 FINGERPRINT_FILE = "environment.json"
 TOKENIZER_DIR = "tokenizer"
 TENSORBOARD_DIR = "tensorboard"
+# Experiment trackers (launcher/train/trackers.py, docs/tracking.md).
+WANDB_DIR = "wandb"  # wandb.init(dir=<run_dir>) writes <run_dir>/wandb/offline-run-<time>-<id>/
+WANDB_OFFLINE_GLOB = "offline-run-*"
+MLFLOW_DIR = "mlruns"  # the default file store
+TRACKERS_FILE = "trackers.json"  # the tracker run ids that requeued attempts continue
 SYNC_DIR = ".sync"
 RUN_MARKERS = (CONFIG_FILE, SCRIPT_FILE, SLURM_DIR, METRICS_FILE, ATTEMPTS_LOG)
 

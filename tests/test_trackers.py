@@ -15,7 +15,8 @@ from typing import Dict, List
 import pytest
 
 from launcher.errors import ConfigError
-from launcher.train.trackers import TRACKERS_FILE, Trackers, scalars_of, tracker_names
+from launcher.rundir import TRACKERS_FILE
+from launcher.train.trackers import Trackers, scalars_of, tracker_names
 from login_helpers import REPO, composed, config
 
 # ------------------------------------------------------------------------------------------------ the login node

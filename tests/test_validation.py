@@ -46,7 +46,7 @@ def error_for(overrides):
         (["+cluster=lumi", LUMI_ACCOUNT, "cluster.cpus_per_task=8"], "cluster.cpus_per_task", ["at most 7", "56"]),
         (["strategy=ddp", "strategy.name=zero4"], "strategy.name", ["zero3", "fsdp"]),
         (["strategy=zero2", "strategy.offload_params=true"], "strategy.offload_params", ["zero3"]),
-        (["peft.name=qlora"], "peft.name", ["lora"]),
+        (["peft.name=dora"], "peft.name", ["lora", "qlora"]),
         (["data.format=parquet"], "data.format", ["instruction", "chat"]),
         (["train.seq_len=4096"], "train.seq_len", ["512"]),
         (["nodes=2"], "nodes", ["+cluster"]),

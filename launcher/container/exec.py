@@ -53,7 +53,7 @@ FORWARDED_ENV: Tuple[str, ...] = (
     # Offline switches: the images default them to offline; the job's own value must win.
     "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "WANDB_MODE",
     # Credentials: by name only, never written into the script.
-    "HF_TOKEN", "WANDB_API_KEY",
+    "HF_TOKEN", "WANDB_API_KEY", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
     # Interconnect diagnostics (docs/containers.md).
     "NCCL_DEBUG", "NCCL_DEBUG_SUBSYS",
 )

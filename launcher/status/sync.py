@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, List
 
 from launcher.slurm import query as sq
-from launcher.train.trackers import WANDB_DIR, WANDB_OFFLINE_GLOB  # stdlib only at import
+from launcher.rundir import WANDB_DIR, WANDB_OFFLINE_GLOB
 
 
 def unsynced_wandb_runs(run_dir: Path) -> List[Path]:

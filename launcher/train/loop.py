@@ -27,7 +27,7 @@ import torch.distributed as dist
 from launcher.rundir import ENV_SIGNAL_LEAD_S
 from launcher.train import distributed as D
 from launcher.train import watchdog as W
-from launcher.train.batches import DeviceBatches, to_device
+from launcher.train.batches import DeviceBatches
 from launcher.train.metrics import MetricsFile, PeakMemory, Progress, StepWindow, device_peak_tflops
 
 FINISHED = "finished"

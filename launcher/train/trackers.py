@@ -24,13 +24,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Protocol, Sequence
 
+from launcher.rundir import MLFLOW_DIR, TRACKERS_FILE
+
 if TYPE_CHECKING:
     from launcher.config.schema import LauncherConfig, TrainConfig
 
-WANDB_DIR = "wandb"  # wandb.init(dir=<run_dir>) writes <run_dir>/wandb/offline-run-<time>-<id>/
-WANDB_OFFLINE_GLOB = "offline-run-*"
-MLFLOW_DIR = "mlruns"  # the default file store
-TRACKERS_FILE = "trackers.json"  # the tracker run ids that requeued attempts continue
 # Keys of a record that are not scalars to plot.
 _NOT_SCALARS = ("step", "event", "world_size")
 
