@@ -8,8 +8,8 @@ from launcher.config.schema import LauncherConfig
 
 from launcher.plan.billing import UNIT_NAMES, billing_units
 from launcher.plan.job import JobPlan
-from launcher.plan.fit import model_shape
-from launcher.plan import ModelShape, get_device
+from launcher.plan.fit import planned_shape
+from launcher.plan import get_device
 from launcher.plan.flops import flops_for_shape
 
 
@@ -36,7 +36,7 @@ def estimate_budget(cfg: LauncherConfig, plan: JobPlan) -> Budget | None:
     if budget.tokens_per_s_per_device:
         per_device, source = budget.tokens_per_s_per_device, "measured"
     else:
-        shape = model_shape(cfg.model)
+        shape = planned_shape(cfg)
         peft = cfg.peft
         trainable = (shape.lora_params(peft.r, target_modules=tuple(peft.target_modules))
                      if peft.name in ("lora", "qlora") else None)

@@ -24,7 +24,7 @@ def strategy_fits(cfg: LauncherConfig, world_size: int) -> Tuple[List[StrategyFi
     precision = cfg.strategy.precision
     if precision == "auto":
         precision = "bf16" if on_gpu else "fp32"
-    shape = model_shape(cfg.model)
+    shape = planned_shape(cfg)
     lora = None
     if cfg.peft.name in ("lora", "qlora"):
         try:
@@ -138,3 +138,21 @@ def _load_hint(host: HostPlan, fits: List[StrategyFit]) -> str:
 def model_shape(model_cfg: ModelConfig) -> ModelShape:
     """The planner's view of the model config."""
     return ModelShape.from_config(model_cfg)
+
+
+def planned_shape(cfg: LauncherConfig) -> ModelShape:
+    """The model the run trains: for ``task=classification`` a hidden x num_labels head instead of the LM head, with
+    the labels the login node finds in the first records of the data (the head is tiny: a label seen only later
+    changes nothing that matters)."""
+    shape = model_shape(cfg.model)
+    if cfg.task.name != "classification":
+        return shape
+    from launcher.config.check_data import RECORDS_CHECKED
+    from launcher.train.labelled_data import iter_labelled, label_names
+
+    try:
+        labels = label_names([label for _, label in iter_labelled(
+            cfg.data.path, cfg.task.text_field, cfg.task.label_field, max_records=RECORDS_CHECKED)])
+    except (OSError, ValueError, UnicodeDecodeError):  # validation names the problem; plan with two classes
+        labels = ["0", "1"]
+    return replace(shape, num_labels=max(2, len(labels)))

@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from launcher.config.schema import ClusterConfig, LauncherConfig
+from launcher.config.schema import LauncherConfig
 from launcher.plan.billing import billing_units
 from launcher.rundir import SLURM_DIR, run_dir
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
 
 from launcher.config.strategies import STRATEGY_NAMES, strategy_spec
 from launcher.plan.devices import GIB, Device
-from launcher.plan.shape import LORA_TARGETS, ModelShape
+from launcher.plan.shape import ModelShape
 
 if TYPE_CHECKING:
     from launcher.plan.host import HostPlan

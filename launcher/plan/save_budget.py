@@ -13,7 +13,7 @@ from typing import Optional
 from launcher.config.schema import LauncherConfig
 
 from launcher.plan.job import JobPlan
-from launcher.plan.fit import model_shape
+from launcher.plan.fit import planned_shape
 from launcher.rundir import METRICS_FILE, iter_metrics
 
 ASSUMED_WRITE_GBPS_PER_NODE = 1.0  # what one Lustre client sustains for large files, conservatively
@@ -34,7 +34,7 @@ def measured_save_s(run_dir: Path) -> Optional[float]:
 
 
 def estimated_save_s(cfg: LauncherConfig, plan: JobPlan) -> float:
-    shape = model_shape(cfg.model)
+    shape = planned_shape(cfg)
     checkpoint_bytes = 16 * shape.n_params()
     return checkpoint_bytes / (plan.nodes * ASSUMED_WRITE_GBPS_PER_NODE * 1e9)
 

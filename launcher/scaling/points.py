@@ -24,7 +24,7 @@ from launcher import rundir
 from launcher.config.load import from_plain
 from launcher.config.schema import LauncherConfig
 from launcher.plan.devices import DEVICES
-from launcher.plan.fit import model_shape
+from launcher.plan.fit import planned_shape
 from launcher.plan.flops import flops_for_shape
 from launcher.scaling import metrics as m
 from launcher.scaling.logs import clip, explain_failure
@@ -135,7 +135,7 @@ def _point_config(run_dir: Path) -> Union[LauncherConfig, Point]:
 def _model_numbers(cfg: LauncherConfig) -> Tuple[Optional[int], Optional[float]]:
     """(all base parameters, FLOPs per token by ``launcher.plan.flops``, LoRA adapters counted) from the config."""
     try:
-        shape = model_shape(cfg.model)
+        shape = planned_shape(cfg)
         lora = (shape.lora_params(cfg.peft.r, target_modules=tuple(cfg.peft.target_modules))
                 if cfg.peft.name == "lora" else None)
     except ValueError:  # numbers the planner cannot use: MFU comes from the job's own log
