@@ -205,3 +205,17 @@ def test_the_flops_count_knows_the_classification_head() -> None:
         assert flops_for_shape(shape, 16) == pytest.approx(job, rel=1e-12), tied
     causal = ModelShape.from_config(config)
     assert causal.n_params() - shape.n_params() == 300 * 32 * (0 if tied else 1) - 32 * 3
+
+
+def test_custom_field_names_pass_the_login_checks(tmp_path: Path) -> None:
+    """task.text_field / task.label_field name any columns: the generic text-data check does not ask for `text`."""
+    from launcher.config import validated
+
+    data = tmp_path / "reviews.csv"
+    data.write_text("review,sentiment\na great film,pos\nan awful film,neg\n")
+    cfg = validated(["task=classification", f"data.path={data}", "task.text_field=review",
+                     "task.label_field=sentiment", f"output_dir={tmp_path}"])
+    assert cfg.data.format is None and cfg.task.text_field == "review"
+    from launcher.plan.fit import planned_shape
+
+    assert planned_shape(cfg).num_labels == 2  # the planner's head: hidden x 2, not the LM head

@@ -16,7 +16,7 @@ RECORDS_CHECKED = 200
 _SNIFF_BYTES = 8192
 
 
-def check_inputs(cfg: Mapping[str, Any]) -> str:
+def check_inputs(cfg: Mapping[str, Any]) -> Optional[str]:
     """Check data, model and tokenizer paths (a Hub id: its pinned snapshot in the HF cache the job uses, see
     ``launcher.hub``); returns the data format (explicit, else detected from the file)."""
     model = cfg["model"]
@@ -34,6 +34,8 @@ def check_inputs(cfg: Mapping[str, Any]) -> str:
             raise ConfigError(f"model.{key}", value, f"a Hugging Face directory holding {' or '.join(needs)} "
                                                      "(save_pretrained writes it)")
     check_epochs(cfg["train"], cfg["data"])
+    if (cfg.get("task") or {}).get("name") == "classification":
+        return cfg["data"]["format"]  # labelled records (validation._check_task read them): no text format to detect
     return check_data(cfg["data"])
 
 

@@ -116,7 +116,7 @@ def _check_peft(peft: Mapping[str, Any], model: Mapping[str, Any]) -> None:
     if model["pretrained"] is None and model["arch"] == "llama":
         # A model built from the config is a Llama decoder: its linear layers are known here. A pretrained one's are
         # checked against the real model in the job.
-        from launcher.plan.memory import LORA_TARGETS
+        from launcher.plan.shape import LORA_TARGETS
 
         unknown = sorted(set(peft["target_modules"]) - set(LORA_TARGETS))
         if unknown:

@@ -188,6 +188,8 @@ class TaskConfig:
     # Classification records (CSV columns or JSON Lines fields): the text and its label (a string or an integer).
     text_field: str = "text"
     label_field: str = "label"
+    # Appended to the default run_name, so that a classification run never resumes a causal-LM run's checkpoints.
+    run_name_suffix: str = ""
 
 
 @dataclass
