@@ -201,7 +201,9 @@ def activation_bytes(
         layers = shape.n_layers * e * tokens * shape.hidden_size + layer
     else:
         layers = shape.n_layers * layer
-    head = (4 + 2 * e) * tokens * shape.hidden_size + (e + 4) * tokens * shape.vocab_size
+    # A classifier (shape.num_labels) scores one position per sequence: b x num_labels logits instead of s*b*V.
+    logits = micro_batch_size * shape.num_labels if shape.num_labels is not None else tokens * shape.vocab_size
+    head = (4 + 2 * e) * tokens * shape.hidden_size + (e + 4) * logits
     return layers + head
 
 
@@ -249,6 +251,47 @@ def estimate_memory(
     """
     stage = _check_strategy(strategy)
     b = _check_precision(precision)
+    _check_counts(strategy, stage, world_size, n_params, lora_params, quantized_params, offload_optimizer,
+                  offload_params)
+    notes: list[str] = []
+    parameters, gradients, optimizer = _model_states(strategy, stage, b, world_size, n_params, lora_params,
+                                                     quantized_params, notes)
+    if quantized_params:
+        frozen = n_params if lora_params is not None else 0
+        largest = max(shape.intermediate_size, shape.q_dim) * shape.hidden_size if shape else 0
+        parameters += nf4_bytes(quantized_params) + largest * 2
+        notes.append(_qlora_note(quantized_params, frozen, largest))
+    offloaded = 0
+    if offload_optimizer:
+        moved_grads = gradients if stage >= 2 else 0
+        offloaded += optimizer + moved_grads
+        optimizer, gradients = 0, gradients - moved_grads
+    if offload_params:
+        offloaded += parameters
+        parameters = 0
+    if offloaded:
+        notes.append("offload: the moved states are in host memory, not in the device totals")
+    if stage == 3 and shape is not None:
+        # The module being computed is gathered whole (and, when trainable, its full gradient before the
+        # reduce-scatter). FSDP gathers a whole wrapped block, and prefetching holds the next one: a lower bound.
+        largest = shape.largest_layer_params()
+        parameters += largest * b.param
+        gradients += largest * b.grad if lora_params is None else 0
+    activations = 0
+    if shape is None:
+        notes.append("activations not estimated: pass shape=ModelShape(...)")
+    else:
+        activations = activation_bytes(shape, seq_len, micro_batch_size, gradient_checkpointing=gradient_checkpointing,
+                                       precision=precision, flash_attention=flash_attention)
+    return MemoryEstimate(
+        strategy=strategy, world_size=world_size, parameters=parameters, gradients=gradients, optimizer=optimizer,
+        activations=activations, total=parameters + gradients + optimizer + activations, offloaded=offloaded,
+        notes=tuple(notes),
+    )
+
+
+def _check_counts(strategy: str, stage: int, world_size: int, n_params: int, lora_params: int | None,
+                  quantized_params: int, offload_optimizer: bool, offload_params: bool) -> None:
     if world_size < 1:
         raise ValueError(f"world_size must be at least 1, got {world_size}")
     if n_params < 0 or (lora_params is not None and lora_params < 0):
@@ -260,70 +303,23 @@ def estimate_memory(
     if offload_optimizer and stage == 0:
         raise ValueError(f"offload_optimizer needs a ZeRO stage or fsdp; strategy {strategy!r} cannot offload")
 
+
+def _model_states(strategy: str, stage: int, b: Any, world_size: int, n_params: int, lora_params: int | None,
+                  quantized_params: int, notes: list[str]) -> tuple[int, int, int]:
+    """(parameters, gradients, optimizer) bytes per rank before offloading, QLoRA's 4-bit weights not included."""
     trainable, frozen = (n_params, 0) if lora_params is None else (lora_params, n_params)
-    notes: list[str] = []
     if stage == 0 and b.param < 4:
         # DDP trains the fp32 model under autocast: fp32 weights, fp32 gradients (views into the all-reduce buckets,
         # gradient_as_bucket_view), Adam's two fp32 moments, plus the 16-bit copy of every weight that autocast
         # makes for the forward and keeps for backward: 4 + 2, 4 and 8 bytes per parameter.
-        parameters = (trainable + frozen - quantized_params) * (4 + b.param)
-        gradients, optimizer = trainable * 4, trainable * 8
         notes.append("ddp: fp32 weights under autocast + their 16-bit copies (6 B/param), fp32 grads and Adam")
-    else:
-        parameters = _share(trainable * b.param, world_size, stage >= 3) + _share(
-            (frozen - quantized_params) * b.param, world_size, stage >= 3)
-        # DeepSpeed accumulates gradients in fp32 (data_types.grad_accum_dtype, like DDP and FSDP): 4 B, not 2.
-        grad_bytes = 4 if strategy_spec(strategy).engine == "deepspeed" else b.grad
-        gradients = _share(trainable * grad_bytes, world_size, stage >= 2)
-        optimizer = _share(trainable * b.optim, world_size, stage >= 1)
-
-    if quantized_params:
-        largest = max(shape.intermediate_size, shape.q_dim) * shape.hidden_size if shape else 0
-        parameters += nf4_bytes(quantized_params) + largest * 2
-        notes.append(_qlora_note(quantized_params, frozen, largest))
-
-    offloaded = 0
-    if offload_optimizer:
-        moved_grads = gradients if stage >= 2 else 0
-        offloaded += optimizer + moved_grads
-        optimizer, gradients = 0, gradients - moved_grads
-    if offload_params:
-        offloaded += parameters
-        parameters = 0
-    if offloaded:
-        notes.append("offload: the moved states are in host memory, not in the device totals")
-
-    if stage == 3 and shape is not None:
-        # The module being computed is gathered whole (and, when trainable, its full gradient before the
-        # reduce-scatter). FSDP gathers a whole wrapped block, and prefetching holds the next one: a lower bound.
-        largest = shape.largest_layer_params()
-        parameters += largest * b.param
-        gradients += largest * b.grad if lora_params is None else 0
-
-    if shape is None:
-        activations = 0
-        notes.append("activations not estimated: pass shape=ModelShape(...)")
-    else:
-        activations = activation_bytes(
-            shape,
-            seq_len,
-            micro_batch_size,
-            gradient_checkpointing=gradient_checkpointing,
-            precision=precision,
-            flash_attention=flash_attention,
-        )
-
-    return MemoryEstimate(
-        strategy=strategy,
-        world_size=world_size,
-        parameters=parameters,
-        gradients=gradients,
-        optimizer=optimizer,
-        activations=activations,
-        total=parameters + gradients + optimizer + activations,
-        offloaded=offloaded,
-        notes=tuple(notes),
-    )
+        return (trainable + frozen - quantized_params) * (4 + b.param), trainable * 4, trainable * 8
+    parameters = _share(trainable * b.param, world_size, stage >= 3) + _share(
+        (frozen - quantized_params) * b.param, world_size, stage >= 3)
+    # DeepSpeed accumulates gradients in fp32 (data_types.grad_accum_dtype, like DDP and FSDP): 4 B, not 2.
+    grad_bytes = 4 if strategy_spec(strategy).engine == "deepspeed" else b.grad
+    return (parameters, _share(trainable * grad_bytes, world_size, stage >= 2),
+            _share(trainable * b.optim, world_size, stage >= 1))
 
 
 def estimate_for_model(shape: ModelShape, strategy: str, world_size: int, **kw: Any) -> MemoryEstimate:

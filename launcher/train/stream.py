@@ -31,7 +31,7 @@ from launcher.train.data_formats import iter_json_records
 
 log = logging.getLogger(__name__)
 
-UNIT_BYTES = 16 << 20  # the unit of work: fixed, so the result cannot depend on the number of workers
+UNIT_BYTES = 4 << 20  # the unit of work: fixed, so the result cannot depend on the number of workers; small for balance
 BATCH_BYTES = 1 << 20  # text per tokenizer call: big enough for the Rust batch encoder, small for memory
 PROGRESS_EVERY_S = 10.0
 
