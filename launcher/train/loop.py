@@ -24,6 +24,7 @@ from typing import Any, Dict, Optional
 import torch
 import torch.distributed as dist
 
+from launcher.config.schema import TrainConfig
 from launcher.rundir import ENV_SIGNAL_LEAD_S
 from launcher.train import distributed as D
 from launcher.train import watchdog as W
@@ -50,7 +51,8 @@ class Trainer:
     def __init__(
         self,
         *,
-        cfg: Any,
+        train: TrainConfig,
+        device_name: Optional[str],
         env: D.DistEnv,
         strategy: Any,
         splits: Any,
@@ -60,9 +62,8 @@ class Trainer:
         flops_per_token: float,
         state: LoopState,
         trainer_state_extra: Dict[str, Any],
-        tensorboard: Any = None,
     ) -> None:
-        self.cfg = cfg
+        self.train_cfg = train
         self.env = env
         self.strategy = strategy
         self.splits = splits
@@ -73,8 +74,6 @@ class Trainer:
         self.flops_per_token = flops_per_token
         self.state = state
         self.extra = trainer_state_extra
-        self.tensorboard = tensorboard
-        train = cfg.train
         self.max_steps = int(train.max_steps)
         self.accum = int(train.grad_accum)
         self.log_every = max(1, int(train.log_every))
@@ -83,7 +82,7 @@ class Trainer:
         self.save_every_s = float(train.save_every_minutes) * 60 if train.save_every_minutes else None
         self.sleep_s = float(train.debug_step_sleep_s or 0.0)
         self.tokens_per_step = int(train.micro_batch_size) * self.accum * env.world_size * splits.train.seq_len
-        peak = device_peak_tflops(getattr(cfg.cluster, "device", None))  # no cluster section: no MFU
+        peak = device_peak_tflops(device_name)  # None (no cluster section): no MFU
         self.peak_flops = peak * 1e12 if peak else None
         self.progress = Progress(
             total=self.max_steps, initial=state.step, enabled=env.is_main,
@@ -212,18 +211,14 @@ class Trainer:
         }
         self.metrics.write(record)
         self.progress.update(step, record)
-        if self.tensorboard is not None:
-            for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
-                if record[key] is not None:
-                    self.tensorboard.add_scalar(f"train/{key}", record[key], step)
 
     def evaluate(self, step: int) -> Optional[float]:
         from launcher.train.sampler import eval_indices
 
         split = self.splits.eval
         batches = eval_indices(
-            len(split), batch_size=int(self.cfg.train.micro_batch_size), rank=self.env.rank,
-            world_size=self.env.world_size, num_batches=int(self.cfg.train.eval_batches),
+            len(split), batch_size=int(self.train_cfg.micro_batch_size), rank=self.env.rank,
+            world_size=self.env.world_size, num_batches=int(self.train_cfg.eval_batches),
         )
         if not batches:
             return None
@@ -238,10 +233,6 @@ class Trainer:
             self.metrics.write({"step": step, **values, "eval_batches": len(batches)})
             scores = " ".join(f"{k} {v:.4f}" for k, v in values.items() if isinstance(v, float))
             self.progress.message(f"step {step} {scores}")
-            if self.tensorboard is not None:
-                for key, v in values.items():
-                    if isinstance(v, float):
-                        self.tensorboard.add_scalar(f"eval/{key.removeprefix('eval_')}", v, step)
         return value
 
     def save(self, step: int, *, final: bool = False) -> None:

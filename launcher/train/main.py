@@ -268,7 +268,7 @@ def _train(cfg: "LauncherConfig", env: "DistEnv", run_dir: Path, prepared: _Prep
     trackers = open_trackers(cfg, run_dir, is_main=env.is_main, warn=lambda text: D.log(text, env=env))
     metrics = MetricsFile(run_dir / METRICS_FILE, resume_step=state.step, enabled=env.is_main, sinks=[trackers])
     trainer = _trainer(cfg, env, prepared, splits=splits, sampler=sampler, checkpoints=manager, metrics=metrics,
-                       tensorboard=None, state=state)  # TensorBoard is one of the trackers (metrics.py sends)
+                       state=state)  # TensorBoard is one of the trackers (metrics.py sends every record)
     D.log(
         f"ready in {time.perf_counter() - prepared.started:.1f}s: {len(splits.train)} train / {len(splits.eval)} "
         f"eval sequences of {splits.train.seq_len} tokens; global batch {trainer.tokens_per_step} tokens; "
@@ -310,7 +310,7 @@ def _resume_training(manager: Any, sampler: Any, cfg: "LauncherConfig", env: "Di
 
 
 def _trainer(cfg: "LauncherConfig", env: "DistEnv", prepared: _Prepared, *, splits: Any, sampler: Any,
-             checkpoints: Any, metrics: Any, tensorboard: Any, state: Any) -> Any:
+             checkpoints: Any, metrics: Any, state: Any) -> Any:
     """The loop, with the FLOPs per token for MFU and what every checkpoint records about the config."""
     from launcher.train.loop import Trainer
     from launcher.train.metrics import flops_per_token
@@ -325,6 +325,7 @@ def _trainer(cfg: "LauncherConfig", env: "DistEnv", prepared: _Prepared, *, spli
         "global_batch_sequences": train.micro_batch_size * train.grad_accum * env.world_size,
     }
     return Trainer(
-        cfg=cfg, env=env, strategy=prepared.strategy, splits=splits, sampler=sampler, checkpoints=checkpoints,
-        metrics=metrics, flops_per_token=fpt, state=state, tensorboard=tensorboard, trainer_state_extra=extra,
+        train=train, device_name=cfg.cluster.device if cfg.cluster else None, env=env, strategy=prepared.strategy,
+        splits=splits, sampler=sampler, checkpoints=checkpoints, metrics=metrics, flops_per_token=fpt, state=state,
+        trainer_state_extra=extra,
     )
