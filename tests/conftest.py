@@ -120,3 +120,17 @@ def full_runs(train_launcher: TrainLauncher, deepspeed_ops: None) -> Dict[str, P
         check_ok(train_launcher.torchrun(run_dir))
         runs[strategy] = run_dir
     return runs
+
+
+def copy_run(source: Path, target: Path, overrides: Dict[str, object]) -> Path:
+    """A copy of a finished run directory with some config values changed (its checkpoints resume in the copy)."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    shutil.copytree(source, target)
+    cfg = OmegaConf.load(target / "config.yaml")
+    for key, value in overrides.items():
+        OmegaConf.update(cfg, key, value)
+    OmegaConf.save(cfg, target / "config.yaml")
+    return target

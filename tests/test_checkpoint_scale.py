@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Dict, List
 
 import pytest
-from conftest import REPO, TrainLauncher, check_ok, losses, records
+from conftest import REPO, TrainLauncher, check_ok, copy_run, losses, records
 
 torch = pytest.importorskip("torch")
 
@@ -137,17 +137,6 @@ def test_complete_comes_only_after_the_background_write(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------------- end to end
 
 
-def _copy_run(source: Path, target: Path, overrides: Dict[str, object]) -> Path:
-    from omegaconf import OmegaConf
-
-    shutil.copytree(source, target)
-    cfg = OmegaConf.load(target / "config.yaml")
-    for key, value in overrides.items():
-        OmegaConf.update(cfg, key, value)
-    OmegaConf.save(cfg, target / "config.yaml")
-    return target
-
-
 def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -209,7 +198,7 @@ def test_lora_checkpoints_hold_the_adapters_and_resume_bit_identically(
     assert ratio < 0.05, (ratio, _dir_bytes(adapter_ckpt), _dir_bytes(full_ckpt))
 
     # Resume from step 4 (as after a crash): the same losses, bit for bit, with the base rebuilt from its seed.
-    resumed = _copy_run(lora, tmp_path / "lora-resumed", {})
+    resumed = copy_run(lora, tmp_path / "lora-resumed", {})
     shutil.rmtree(resumed / "checkpoints" / "step-8")
     shutil.rmtree(resumed / "export")
     result = train_launcher.torchrun(resumed)
@@ -218,7 +207,7 @@ def test_lora_checkpoints_hold_the_adapters_and_resume_bit_identically(
     assert losses(resumed) == losses(lora)
 
     # Another base (its seed changed): one clear line, exit 2, nothing trained.
-    other = _copy_run(lora, tmp_path / "lora-other-base", {"train.seed": 7, "train.max_steps": 10})
+    other = copy_run(lora, tmp_path / "lora-other-base", {"train.seed": 7, "train.max_steps": 10})
     refused = train_launcher.single(other)
     assert refused.returncode == 2, refused.stderr[-3000:]
     assert "holds LoRA adapters for another base model" in refused.stderr and "train.seed (1234 -> 7)" in \
@@ -238,7 +227,7 @@ def test_zero_lora_checkpoints_leave_the_base_out_and_resume_bit_identically(
     states = run_dir / "checkpoints" / "step-4" / "deepspeed"
     saved = [k for f in states.glob("*model_states.pt") for k in torch.load(f, weights_only=False)["module"] or {}]
     assert not [k for k in saved if "lora_" not in k], saved  # no frozen base weights in the module states
-    resumed = _copy_run(run_dir, tmp_path / f"lora-{strategy}-resumed", {})
+    resumed = copy_run(run_dir, tmp_path / f"lora-{strategy}-resumed", {})
     shutil.rmtree(resumed / "checkpoints" / "step-8")
     result = train_launcher.torchrun(resumed)
     check_ok(result)
@@ -270,7 +259,7 @@ def test_a_kill_during_a_background_write_resumes_from_the_previous_checkpoint(
     assert event["step"] == 2 and event["async"] and event["save_s"] >= 4, event
     assert event["blocked_s"] <= 0.3 * event["save_s"], event  # the loop waited for the copy, not the write
 
-    rerun = _copy_run(run_dir, run_dir.with_name(run_dir.name + "-rerun"),
+    rerun = copy_run(run_dir, run_dir.with_name(run_dir.name + "-rerun"),
                       {"train.debug_save_sleep_s": 0, "train.debug_step_sleep_s": 0, "train.export": False})
     result = train_launcher.torchrun(rerun)
     check_ok(result)

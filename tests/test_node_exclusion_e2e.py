@@ -16,7 +16,7 @@ from typing import Dict, List
 import pytest
 
 from test_multinode_e2e import PARTITION, nodelist_of  # noqa: F401 (skips this module where `multi` is not usable)
-from test_slurm_e2e import losses, submit, wait_final, wait_until
+from test_slurm_e2e import losses, status_json, submit, wait_final, wait_until
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -77,6 +77,8 @@ def test_hung_job_is_resubmitted_without_its_node_and_completes_with_the_same_lo
     expected = losses(work / "runs" / "reference")
     assert sorted(expected) == list(range(1, 13))
     assert losses(run) == expected  # resumed from step 4 on the other node: bit-identical
+    row = status_json(work / "runs")["bad-node"]  # status follows the run to its new job
+    assert row["job_id"] == second and row["state"] == "COMPLETED", row
 
 
 def test_exclusion_cap_stops_with_the_reason(jobs, work):

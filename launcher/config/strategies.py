@@ -19,7 +19,9 @@ class StrategySpec:
     engine: str  # "ddp" | "deepspeed" | "fsdp2"
     shards: int  # 0 nothing, 1 optimizer state, 2 + gradients, 3 + parameters
     zero_stage: Optional[int]  # the DeepSpeed ZeRO stage; None outside DeepSpeed
-    reshards_on_resume: bool  # DCP checkpoints load on another world size; ZeRO partitions do not
+    # How a checkpoint loads on another world size: DCP reshards itself; ZeRO partitions go through DeepSpeed's
+    # universal checkpoint (converted on resume, launcher.train.strategies.universal).
+    reshards_through: str
     backend: Tuple[str, str]  # (module, class) of the engine in launcher.train.strategies
 
     @property
@@ -32,14 +34,15 @@ class StrategySpec:
 
 
 _TRAIN = "launcher.train.strategies"
+_UNIVERSAL = "DeepSpeed's universal checkpoint"
 STRATEGIES: Dict[str, StrategySpec] = {
     spec.name: spec
     for spec in (
-        StrategySpec("ddp", "ddp", 0, None, True, (f"{_TRAIN}.ddp", "DDPStrategy")),
-        StrategySpec("zero1", "deepspeed", 1, 1, False, (f"{_TRAIN}.deepspeed", "DeepSpeedStrategy")),
-        StrategySpec("zero2", "deepspeed", 2, 2, False, (f"{_TRAIN}.deepspeed", "DeepSpeedStrategy")),
-        StrategySpec("zero3", "deepspeed", 3, 3, False, (f"{_TRAIN}.deepspeed", "DeepSpeedStrategy")),
-        StrategySpec("fsdp", "fsdp2", 3, None, True, (f"{_TRAIN}.fsdp", "FSDPStrategy")),
+        StrategySpec("ddp", "ddp", 0, None, "DCP", (f"{_TRAIN}.ddp", "DDPStrategy")),
+        StrategySpec("zero1", "deepspeed", 1, 1, _UNIVERSAL, (f"{_TRAIN}.deepspeed", "DeepSpeedStrategy")),
+        StrategySpec("zero2", "deepspeed", 2, 2, _UNIVERSAL, (f"{_TRAIN}.deepspeed", "DeepSpeedStrategy")),
+        StrategySpec("zero3", "deepspeed", 3, 3, _UNIVERSAL, (f"{_TRAIN}.deepspeed", "DeepSpeedStrategy")),
+        StrategySpec("fsdp", "fsdp2", 3, None, "DCP", (f"{_TRAIN}.fsdp", "FSDPStrategy")),
     )
 }
 STRATEGY_NAMES: Tuple[str, ...] = tuple(STRATEGIES)

@@ -38,7 +38,7 @@ STRICT_JOB_ID = re.compile(r"[0-9]+(?:_[0-9]+)?")
 _SLURM_FILE = re.compile(
     r"([0-9]+(?:_[0-9]+)?)_(?:submitted\.pkl|submission\.sh|[0-9]+_log\.(?:out|err)|[0-9]+_result\.pkl)"
 )
-_ATTEMPT_LINE = re.compile(r"^launcher: job (\S+) attempt (\d+) (started|requeued)\b\s*(.*)$")
+_ATTEMPT_LINE = re.compile(r"^launcher: job (\S+) attempt (\d+) (started|requeued|hang-requeued)\b\s*(.*)$")
 
 STATE_FINISHED_NO_SLURM = "FINISHED (no slurm)"
 STATE_UNKNOWN = "UNKNOWN"

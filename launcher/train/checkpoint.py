@@ -355,14 +355,7 @@ class CheckpointManager:
         saved_world, world = int(state.get("world_size", self.env.world_size)), self.env.world_size
         if saved_world == world:
             return
-        spec = self.strategy.spec
-        # ZeRO 1-3 reshard through DeepSpeed's universal checkpoint (DeepSpeedStrategy.load converts).
-        if not (spec.reshards_on_resume or spec.zero_stage is not None):
-            raise CheckpointError(
-                f"{path} was written by {saved_world} ranks with {spec.name}; this run has {world}: resume with "
-                f"{saved_world} ranks (nodes x tasks per node)"
-            )
-        how = "through DeepSpeed's universal checkpoint" if spec.zero_stage is not None else "through DCP"
+        how = f"through {self.strategy.spec.reshards_through}"
         micro, accum = cfg_flat.get("train.micro_batch_size"), cfg_flat.get("train.grad_accum")
         new_batch = int(micro) * int(accum) * world if micro and accum else "?"
         old_batch = state.get("global_batch_sequences", "?")
