@@ -14,10 +14,11 @@ baseline (a process that imports torch, transformers and the job's own modules a
 group, but builds no model) is measured the same way and subtracted per rank. Acceptance (issue 15): for each
 sharded strategy, the summed peak over the ranks minus the baselines is at most 0.8x ddp's, full and LoRA.
 
-    python benchmarks/host_memory.py                       # about 6 runs of a minute each on 2 cores, ~10 GB RAM
+    python benchmarks/host_memory.py                       # 6 runs of 1-4 min on 2 busy cores, ~10 GB RAM
     python benchmarks/host_memory.py --strategies ddp fsdp --peft none --out /tmp/hm
 
-Writes <out>/host_memory.txt (the table) and <out>/host_memory.json.
+Writes <out>/host_memory.txt (the table) and <out>/host_memory.json; with --out the work directory (the checkpoint,
+the runs: several GB) is removed afterwards.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -257,6 +259,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     (out / "host_memory.json").write_text(json.dumps({"n_params": n_params, "baseline_kib": base, "runs": runs,
                                                       "args": {k: str(v) for k, v in vars(args).items()}}, indent=1))
     print(f"wrote {out / 'host_memory.txt'} and {out / 'host_memory.json'}")
+    if args.out is not None:  # the checkpoint and the runs' directories: several GB
+        shutil.rmtree(work, ignore_errors=True)
     return 0 if all(r["meets_0.8x"] is not False for r in runs) else 1
 
 

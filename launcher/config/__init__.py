@@ -96,8 +96,9 @@ def with_resolved_inputs(cfg: "LauncherConfig", data_format: str) -> "LauncherCo
             return hub.pinned_path(field, value, home)
         return absolute(value)
 
+    sources = [dataclasses.replace(source, path=absolute(source.path)) for source in cfg.data.sources]
     data = dataclasses.replace(cfg.data, format=data_format, path=absolute(cfg.data.path),
-                               cache_dir=absolute(cfg.data.cache_dir))
+                               cache_dir=absolute(cfg.data.cache_dir), sources=sources)
     model = dataclasses.replace(cfg.model, pretrained=model_input("model.pretrained", cfg.model.pretrained),
                                 tokenizer=model_input("model.tokenizer", cfg.model.tokenizer))
     cluster = dataclasses.replace(cfg.cluster, hf_home=str(home)) if cfg.cluster else None
