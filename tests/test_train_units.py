@@ -438,13 +438,15 @@ def test_a_strategy_the_packages_cannot_run_names_the_package(monkeypatch: pytes
     assert strategy_class("fsdp").__name__ == "FSDPStrategy"  # torch>=2.6 (pyproject): FSDP2 is always there
 
 
-def test_the_strategy_interface_is_six_methods() -> None:
+def test_the_strategy_interface_is_eight_methods() -> None:
+    """torchtitan's six, plus where the model is built (low-memory loading) and a background save (async_save)."""
     import inspect
 
     from launcher.train.strategies import Strategy
 
     methods = {n for n, v in vars(Strategy).items() if inspect.isfunction(v) and not n.startswith("_")}
-    assert methods == {"wrap", "forward_backward", "step", "save", "load", "full_state_dict"}
+    assert methods == {"building", "wrap", "forward_backward", "step", "save", "save_async", "load",
+                       "full_state_dict"}
 
 
 def test_each_engine_checks_its_own_checkpoint_files(tmp_path: Path) -> None:
