@@ -10,7 +10,7 @@ from hydra.errors import ConfigCompositionException
 from launcher.config.strategies import STRATEGY_NAMES as STRATEGIES
 from launcher.plan.job import make_plan
 from launcher.slurm.render import render_script
-from login_helpers import LEONARDO_ACCOUNT, LUMI_ACCOUNT, config
+from login_helpers import LEONARDO_ACCOUNT, LUMI_ACCOUNT, REPO, config
 
 CLUSTERS = {"lumi": [LUMI_ACCOUNT], "leonardo": [LEONARDO_ACCOUNT], "local_slurm": [], None: []}
 
@@ -89,3 +89,17 @@ def test_data_paths_resolve_to_bundled_examples():
 
 def test_run_name_defaults_to_model_strategy_peft():
     assert config(["strategy=zero2", "peft=lora"]).run_name == "tiny-zero2-lora"
+
+
+def test_every_schema_key_is_documented():
+    """docs/configuration.md lists every key of every section: a new field without its line fails here."""
+    import dataclasses
+
+    from launcher.config import schema as S
+
+    doc = (REPO / "docs" / "configuration.md").read_text()
+    sections = {"cluster": S.ClusterConfig, "model": S.ModelConfig, "data": S.DataConfig, "task": S.TaskConfig,
+                "strategy": S.StrategyConfig, "peft": S.PeftConfig, "train": S.TrainConfig, "budget": S.BudgetConfig}
+    missing = [f"{name}.{f.name}" for name, cls in sections.items() for f in dataclasses.fields(cls)
+               if f"{name}.{f.name}" not in doc and f"`{f.name}`" not in doc]
+    assert not missing, f"not in docs/configuration.md: {missing}"
