@@ -246,8 +246,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="host_memory_"))
     out = args.out or work
     out.mkdir(parents=True, exist_ok=True)
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-           "DS_ACCELERATOR": "cpu", "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+           "DS_ACCELERATOR": "cpu", "PYTHONPATH": path}
     n_params = save_checkpoint(work / "checkpoint", args.hidden, args.layers, args.intermediate, args.vocab)
     base = baseline(work, env)
     runs = [run_one(s, p, work / "checkpoint", work, env, args.steps, args.seq_len)

@@ -109,9 +109,10 @@ def test_llama_70b_preset_has_the_published_shape():
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "zero1", "zero2", "zero3", "fsdp"])
-def test_load_today_is_one_fp32_copy_per_rank(strategy):
-    rule = load_rule(strategy)  # JOB_LOW_MEMORY_LOAD: what launcher/train/modeling.py does today
-    assert not JOB_LOW_MEMORY_LOAD and (rule.copies, rule.dtype) == ("rank", "fp32")
+def test_load_before_issue_15_was_one_fp32_copy_per_rank(strategy):
+    assert JOB_LOW_MEMORY_LOAD  # the job builds low-memory (tests/test_low_memory.py checks what each rank holds)
+    rule = load_rule(strategy, low_memory_load=False)
+    assert (rule.copies, rule.dtype) == ("rank", "fp32")
     assert load_bytes(rule, N_8B, 8, "bf16") == 8 * 4 * N_8B  # LUMI: 8 x 32.1 GB = 257 GB (239.3 GiB)
     assert load_bytes(rule, N_70B, 4, "bf16") == 4 * 4 * N_70B  # Leonardo: 4 x 282 GB
 
@@ -134,9 +135,9 @@ def test_host_plan_against_hand_arithmetic():
                      offload_optimizer=True, trainable=N_70B, largest_layer=128256 * 8192)
     pinned = 4 * min(DS_SUB_GROUP_SIZE, shard)  # one ZeRO-3 sub-group's fp32 gradient buffer
     assert plan.steady == 8 * (estimate.offloaded + pinned)
-    assert plan.load == 8 * 4 * N_70B and plan.allowance == 8 * 2 * GIB == 8 * RANK_ALLOWANCE_BYTES
+    assert plan.load == 2 * N_70B and plan.allowance == 8 * 2 * GIB == 8 * RANK_ALLOWANCE_BYTES  # one bf16 copy
     assert plan.peak == max(plan.load, plan.steady) + plan.allowance
-    assert not plan.load_fits and not plan.fits
+    assert plan.load_fits and plan.fits
     assert plan.steady_fits  # 8 x 35.3 GB + 8 x 4 GB = 314 GB of offloaded state fits 480 GiB
     # ZeRO-1/2: a 16-bit copy of the partition and one largest-parameter gradient buffer.
     assert deepspeed_pinned_bytes(2, N_8B, 8, 128256 * 4096) == 2 * -(-N_8B // 8) + 2 * 128256 * 4096
@@ -147,7 +148,7 @@ def test_host_plan_on_a_cpu_device_counts_every_state():
     estimate = estimate_memory(10**9, "ddp", 2, precision="fp32")
     plan = plan_host("ddp", n_params=10**9, offloaded=0, device_total=estimate.total, ranks_per_node=2,
                      world_size=2, budget_bytes=16 * GIB, precision="fp32", on_cpu=True)
-    assert plan.steady == 2 * estimate.total and plan.load == 2 * 4 * 10**9
+    assert plan.steady == 2 * estimate.total and plan.load == 0  # ddp loads straight onto its (CPU) device
     assert plan.peak == 2 * estimate.total + 2 * RANK_ALLOWANCE_BYTES
 
 
@@ -171,30 +172,25 @@ def test_no_host_memory_known_means_no_host_column():
         host_budget_bytes(config(["+cluster=local_slurm", "cluster.host_mem_gb=0"]).cluster)
 
 
-def test_gate_refuses_70b_full_fine_tune_on_one_lumi_node_for_host_memory_at_load():
-    cfg = config(["+cluster=lumi", LUMI_ACCOUNT, "strategy=zero3", *SEVENTY_B])
+def test_gate_refuses_70b_lora_on_one_gcd_share_for_host_memory_at_load():
+    # small-g, 1 GCD: 60 GiB of host memory, but rank 0 reads one bf16 copy of the 70B base (131.5 GiB).
+    cfg = config(["+cluster=lumi", LUMI_ACCOUNT, "cluster.partition=small-g", "cluster.gpus_per_node_requested=1",
+                  "strategy=zero3", "peft=lora", *SEVENTY_B])
     with pytest.raises(ConfigError) as error:
         check_fits(cfg, make_plan(cfg).world_size)
     message = str(error.value)
-    assert error.value.field == "strategy"  # the device does not fit either (161 GiB per GCD)
-    assert "host memory at load" in message and "every rank builds the full model in fp32" in message
-    assert "8 x 262.8 GiB + 16 GiB (process, dataloader) = 2118.7 GiB per node" in message
-    assert "more than the job's 480.0 GiB" in message and "ignore_memory_estimate=true" in message
-    assert "no: device, host load" in error.value.details and "host GiB/node" in error.value.details
-    check_fits(dataclasses.replace(cfg, ignore_memory_estimate=True), 8)
+    assert "host memory at load: zero.Init: rank 0 reads one copy" in message
+    assert "more than the job's 60.0 GiB" in message and "ignore_memory_estimate=true" in message
+    assert "host load" in error.value.details and "host GiB/node" in error.value.details
+    check_fits(dataclasses.replace(cfg, ignore_memory_estimate=True), 1)
 
 
 @pytest.mark.parametrize("machine, nodes, peft", [("lumi", 4, []), ("leonardo", 8, []), ("lumi", 1, ["peft=lora"]),
                                                   ("leonardo", 1, ["peft=lora"])])
-def test_70b_that_fits_the_device_is_refused_for_the_load_alone(machine, nodes, peft):
+def test_70b_that_fits_the_device_passes_the_gate_with_low_memory_loading(machine, nodes, peft):
     cfg = config([f"+cluster={machine}", MACHINES[machine], f"nodes={nodes}", "strategy=zero3", *SEVENTY_B, *peft])
-    with pytest.raises(ConfigError) as error:
-        check_fits(cfg, make_plan(cfg).world_size)
-    assert (error.value.field, error.value.value) == ("model", "llama-70b")  # no strategy's load fits
-    assert "no node count or strategy shrinks the load" in str(error.value)
-    table = error.value.details
-    assert "zero3    |" in table and "| no: host load" in table
-    assert "with low-memory loading (issue 15) zero3 would fit" in table  # what the job side will change
+    check_fits(cfg, make_plan(cfg).world_size)  # one bf16 copy on rank 0's node: 147.4 / 139.4 GiB of 480
+    assert "recommendation: zero3" in memory_report(cfg, make_plan(cfg).world_size)
 
 
 def test_offload_that_does_not_fit_the_host_is_refused():
@@ -214,7 +210,7 @@ def test_dry_run_shows_host_memory_per_node(tmp_path):
                          f"output_dir={tmp_path}", *SEVENTY_B], cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "memory per device and host memory per node (llama-70b, 8 nodes)" in done.stdout
-    assert "| host GiB/node | fits" in done.stdout and "4 x 262.83 GiB = 1051.33 GiB" in done.stdout
+    assert "| host GiB/node | fits" in done.stdout and "1 x 131.42 GiB = 131.42 GiB" in done.stdout
 
 
 @pytest.mark.parametrize("machine", sorted(MACHINES))

@@ -171,3 +171,12 @@ def test_qlora_trains_end_to_end(tmp_path, train_launcher, device):
     assert curve[8] < curve[1]  # the adapters learn on top of the frozen 4-bit base
     assert (run_dir / "checkpoints" / "step-8" / "COMPLETE").exists()
     assert "Traceback" not in result.stderr and "kernels-community" not in result.stderr
+    # The checkpoint holds the adapters only (launcher.train.frozen_base): it resumes although the eval at step 8
+    # repacked the 4-bit base in place, and two more steps continue the curve.
+    from conftest import copy_run
+
+    resumed = copy_run(run_dir, tmp_path / "qlora-resumed", {"train.max_steps": 10})
+    check_ok(train_launcher.torchrun(resumed, nproc=2 if device == "cpu" else 1,
+                                     env={"CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else None))
+    more = losses(resumed)
+    assert sorted(more) == list(range(1, 11)) and all(more[s] == curve[s] for s in curve)

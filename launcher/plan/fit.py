@@ -130,8 +130,8 @@ def _load_hint(host: HostPlan, fits: List[StrategyFit]) -> str:
         sharded = [fit.strategy for fit in fits if fit.host and fit.host.load_fits]
         if sharded:
             return f"a strategy whose load fits: {', '.join(sharded)}"
-        return ("no node count or strategy shrinks the load while every rank loads the whole model: a smaller"
-                " model, or low-memory loading (issue 15, not in the job yet)")
+        return ("no node count or strategy shrinks the load while every rank holds the whole model: a smaller"
+                " model, or a node share with more memory (cluster.mem / cluster.mem_per_gpu)")
     return "a sharded strategy (zero3, fsdp), or a node share with more memory (cluster.mem / cluster.mem_per_gpu)"
 
 

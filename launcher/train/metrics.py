@@ -47,13 +47,16 @@ def count_parameters(model: Any) -> Dict[str, int]:
         emb = get_input().weight
         out = get_output() if callable(get_output) else None
         tied = out is not None and getattr(out, "weight", None) is emb
-        embedding = 0 if tied else emb.numel()
+        embedding = 0 if tied else logical_numel(emb)
     return {"total": total, "trainable": trainable, "embedding": embedding}
 
 
 def logical_numel(param: Any) -> int:
     """Weights a parameter stands for: a bitsandbytes 4-bit parameter packs two per byte (its ``numel`` is the bytes)
-    and keeps the real shape in its ``quant_state``; FLOPs and the parameter count use the real one."""
+    and keeps the real shape in its ``quant_state``; a parameter built under ZeRO-3's ``zero.Init`` is an empty
+    placeholder holding its real size in ``ds_numel``. FLOPs and the parameter count use the real one."""
+    if hasattr(param, "ds_numel"):
+        return int(param.ds_numel)
     state = getattr(param, "quant_state", None)
     shape = getattr(state, "shape", None)
     if shape is not None:

@@ -1,8 +1,8 @@
 """The model: built from the config's numbers (pretraining from scratch) or loaded from a local directory.
 
 Never a hub call: ``model.pretrained`` must be a local directory (compute nodes are offline). The build runs under
-``torch.manual_seed(seed)``, so every rank that builds real weights builds the same ones. Where and in which dtype is the
-strategy's ``Placement`` (docs/memory-planner.md, "Low-memory loading"): replicated strategies load straight onto
+``torch.manual_seed(seed)``, so every rank that builds real weights builds the same ones. Where and in which dtype is
+the strategy's ``Placement`` (docs/memory-planner.md, "Low-memory loading"): replicated strategies load straight onto
 their device in the dtype they train in; fsdp reads the full weights on rank 0 alone and the other ranks build shapes
 on the meta device; zero3 builds under ``deepspeed.zero.Init``, each rank holding its partition, rank 0 reading.
 Functions take their schema section (``ModelConfig``, ``PeftConfig``); a plain mapping of a section's values (tests,
@@ -106,7 +106,7 @@ class Placement:
 def build_model(model: ModelConfig, *, config: Any, seed: int, tokenizer: Any = None, task: str = "causal_lm",
                 placement: Placement = Placement(), quantize: bool = False) -> Any:
     """The model of ``task`` (a causal LM by default), seeded and deterministic, built where ``placement`` says (by
-    default fp32 on CPU). A pretrained model gets ``config`` (a classification head's labels; the head itself is new)."""
+    default fp32 on CPU). A pretrained model gets ``config`` (a classification head's labels; the head is new)."""
     model = section(model, ModelConfig)
     torch.manual_seed(seed)
     lm = _instantiate(model_class(task), model, config, placement, task, quantize)

@@ -10,9 +10,9 @@
   one reduce-scatter per micro-batch that overlaps with backward anyway (measured in docs/training.md).
 - CPU offload on GPUs: the gradient norm is reduced over CPU DTensors, so the process group gets gloo for CPU tensors
   beside NCCL (``needs_cpu_collectives``; see launcher.train.distributed.process_group_backend).
-- Low-memory construction (``building``/``_placement``): rank 0 alone reads (or initializes) the full weights, on the host, in the
-  training precision; the other ranks build shapes on the meta device. ``wrap`` turns every parameter into an empty
-  fp32 one, shards the shapes, and ``load_full_weights`` sends rank 0's values into every rank's shards
+- Low-memory construction (``building``/``_placement``): rank 0 alone reads (or initializes) the full weights, on the
+  host, in the training precision; the other ranks build shapes on the meta device. ``wrap`` turns every parameter
+  into an empty fp32 one, shards the shapes, and ``load_full_weights`` sends rank 0's values into every rank's shards
   (``set_model_state_dict(..., broadcast_from_rank0=True)``), a chunk of tensors at a time cast to fp32 and freed once
   sent: rank 0 holds at most the weights as read plus one fp32 chunk, the others only their shards.
 - Checkpoints: torch.distributed.checkpoint, sharded; a different world size reshards on load.
