@@ -13,6 +13,7 @@ on load, so a checkpoint written by N ranks loads on M.
 
 from __future__ import annotations
 
+import re
 import time
 from concurrent.futures import Future
 from pathlib import Path
@@ -95,10 +96,16 @@ def _writer(directory: Path, delay_s: float) -> Any:
     return SlowWriter(path)
 
 
+# A bitsandbytes 4-bit weight's quantization constants: entries of the frozen base that ignore_frozen_params keeps
+# (they are not parameters). They belong to the base, which the fingerprint covers; an evaluation repacks them in place.
+_QUANT_STATE = re.compile(r"\.(?:absmax|quant_map|nested_absmax|nested_quant_map|quant_state\..+)$")
+
+
 def _state(model: Any, optimizer: Any) -> dict:
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_options())
+    model_sd = {key: value for key, value in model_sd.items() if not _QUANT_STATE.search(key)}
     return {"model": model_sd, "optim": optim_sd}
 
 
