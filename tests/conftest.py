@@ -23,11 +23,12 @@ from launcher.config.strategies import STRATEGY_NAMES as STRATEGIES  # noqa: E40
 
 def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:
     """Under xdist (``-n 2 --dist loadgroup``, as .ci/run runs): every test that submits to the local Slurm runs on
-    the same worker, in file order, so their jobs never compete for its nodes or race their module fixtures; the
-    other worker runs the CPU tests meanwhile. Without xdist the marker does nothing."""
+    the same worker, in file order, so their jobs never compete for its nodes; every other file stays on one worker,
+    so its module fixtures (the training runs most tests read) run once, not once per worker. Without xdist the
+    marker does nothing."""
     for item in items:
-        if item.get_closest_marker("slurm"):
-            item.add_marker(pytest.mark.xdist_group("slurm"))
+        group = "slurm" if item.get_closest_marker("slurm") else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 # One tiny setup for every training test: 2 ranks x 4 sequences x 2 accumulation steps of 32 tokens per step.
