@@ -89,22 +89,12 @@ class TokenizedSplit:
         ``skip_full_mask``: no attention_mask when no row has padding (packed rows): transformers then takes its
         causal-only path, without checking the mask on every forward (a host sync on GPUs).
         """
-        import torch
+        from launcher.train.packed import _batch
 
         idx = np.asarray(indices, dtype=np.int64)
-        input_ids = np.asarray(self.input_ids[idx], dtype=np.int64)
-        lengths = np.asarray(self.lengths[idx])
-        full = bool((lengths >= self.seq_len).all())
-        mask = None if full else np.arange(self.seq_len)[None, :] < lengths[:, None]
-        if self.labels is not None:
-            labels = np.asarray(self.labels[idx], dtype=np.int64)
-        else:
-            labels = input_ids.copy() if mask is None else np.where(mask, input_ids, IGNORE_INDEX)
-        batch = {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels)}
-        if not (skip_full_mask and full):
-            ones = np.ones(input_ids.shape, dtype=np.int64)
-            batch["attention_mask"] = torch.from_numpy(ones if mask is None else mask.astype(np.int64))
-        return batch
+        labels = None if self.labels is None else np.asarray(self.labels[idx], dtype=np.int64)
+        return _batch(np.asarray(self.input_ids[idx], dtype=np.int64), np.asarray(self.lengths[idx]), self.seq_len,
+                      skip_full_mask, labels)
 
 
 @dataclass

@@ -102,12 +102,16 @@ class ConcatSplit:
         return {name: tensor[0] for name, tensor in self.collate([index]).items()}
 
 
-def _batch(ids: np.ndarray, lengths: np.ndarray, seq_len: int, skip_full_mask: bool) -> dict[str, "torch.Tensor"]:
+def _batch(ids: np.ndarray, lengths: np.ndarray, seq_len: int, skip_full_mask: bool,
+           labels: "np.ndarray | None" = None) -> dict[str, "torch.Tensor"]:
+    """input_ids, labels (given, or every real token) and attention_mask of rows with ``lengths`` real tokens; no mask
+    with ``skip_full_mask`` when no row is padded (transformers' causal-only path, no mask check per forward)."""
     import torch
 
     full = bool((lengths >= seq_len).all())
     mask = None if full else np.arange(seq_len)[None, :] < lengths[:, None]
-    labels = ids.copy() if mask is None else np.where(mask, ids, IGNORE_INDEX)
+    if labels is None:
+        labels = ids.copy() if mask is None else np.where(mask, ids, IGNORE_INDEX)
     batch = {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels)}
     if not (skip_full_mask and full):
         ones = np.ones(ids.shape, dtype=np.int64)
