@@ -34,6 +34,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    # A pip install writes bytecode; with PYTHONDONTWRITEBYTECODE set, every edited module would be compiled again on
+    # each run and the benchmark would time the compiler.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     floors, runs = [], []
     with tempfile.TemporaryDirectory() as cwd:
         timed(DRY_RUN, cwd, env)  # warm the page cache and __pycache__

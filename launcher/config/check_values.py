@@ -190,12 +190,9 @@ def _local_gpus() -> int:
 
 def _bnb_version() -> Optional[str]:
     """The installed bitsandbytes' version, read from its metadata (importing it would import torch)."""
-    from importlib.metadata import PackageNotFoundError, version
+    from launcher.versions import package_version
 
-    try:
-        return version("bitsandbytes")
-    except PackageNotFoundError:
-        return None
+    return package_version("bitsandbytes")
 
 
 def _bnb_runs_on_cpu() -> bool:

@@ -305,7 +305,9 @@ def register_schema() -> None:
     """Make ``base_config`` available to the defaults list (idempotent)."""
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(name="base_config", node=LauncherConfig)
+    store = ConfigStore.instance()
+    if "base_config.yaml" not in store.repo:  # storing converts the whole schema again (~40 ms per call)
+        store.store(name="base_config", node=LauncherConfig)
 
 
 def as_container(cfg: Any) -> Dict[str, Any]:

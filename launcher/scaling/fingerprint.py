@@ -31,6 +31,7 @@ from typing import Any, Callable, Dict, Optional
 from launcher.paths import PACKAGE_DIR
 from launcher.rundir import FINGERPRINT_FILE
 from launcher.secrets import is_secret_name
+from launcher.versions import package_version
 
 DIGEST_HEAD_BYTES = 64 * 1024 * 1024
 CONTAINER_ENV_VARS = ("APPTAINER_CONTAINER", "SINGULARITY_CONTAINER")
@@ -91,11 +92,6 @@ def container_info() -> Dict[str, Any]:
     return info
 
 
-def _version(module: str) -> Optional[str]:
-    mod = __import__(module)
-    return str(getattr(mod, "__version__", None))
-
-
 def torch_info() -> Dict[str, Any]:
     """torch version, CUDA or HIP, NCCL/RCCL version and the devices; imported here only (inside the job)."""
     import torch
@@ -150,7 +146,7 @@ def collect_fingerprint(world_size: Optional[int] = None) -> Dict[str, Any]:
     fp.update(_try(errors, "container", container_info) or {"container_image": None, "container_digest": None})
     fp.update(_try(errors, "torch", torch_info) or {"torch": None, "nccl": None, "hip": None, "cuda": None})
     for module in ("deepspeed", "transformers", "peft", "accelerate"):
-        fp[module] = _try(errors, module, lambda m=module: _version(m))
+        fp[module] = _try(errors, module, lambda m=module: package_version(m))
     fp.update(_try(errors, "slurm", slurm_info) or {})
     if world_size is not None:
         fp["world_size"] = int(world_size)

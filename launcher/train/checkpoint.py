@@ -98,7 +98,7 @@ def config_hash(cfg: Mapping[str, Any]) -> str:
 
 
 def versions() -> Dict[str, Optional[str]]:
-    from launcher.train.strategies.base import package_version
+    from launcher.versions import package_version
 
     out: Dict[str, Optional[str]] = {"python": platform.python_version(), "torch": torch.__version__}
     for name in ("transformers", "deepspeed", "peft", "accelerate", "datasets"):

@@ -21,9 +21,11 @@ Weights are saved in the training precision (bf16 on GPUs, fp32 on CPU).
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Iterator, Optional
 
 import torch
 
@@ -64,6 +66,24 @@ def export_dtype(precision: str) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
+@contextlib.contextmanager
+def _deepspeed_left_unimported() -> Iterator[None]:
+    """save_pretrained unwraps the model through accelerate, which imports deepspeed whenever it is installed (2-3 s,
+    with mlflow and wandb behind it) only to test isinstance(model, DeepSpeedEngine). A run that never imported
+    deepspeed cannot hold one, so the check is skipped for it."""
+    if "deepspeed" in sys.modules:
+        yield
+        return
+    import accelerate.utils.other as accelerate_other
+
+    saved = accelerate_other.is_deepspeed_available
+    accelerate_other.is_deepspeed_available = lambda: False
+    try:
+        yield
+    finally:
+        accelerate_other.is_deepspeed_available = saved
+
+
 def _hf_config_of(module: Any) -> Any:
     base = module.get_base_model() if hasattr(module, "get_base_model") else module
     return base.config
@@ -91,7 +111,8 @@ def write_export(
     if peft_cfg is None:
         model = _clean_model(config, dtype, task)
         _load(model, state_dict)
-        model.save_pretrained(tmp)
+        with _deepspeed_left_unimported():
+            model.save_pretrained(tmp)
     else:
         _write_peft(state_dict, tmp, directory, config=config, peft_cfg=peft_cfg, pretrained=pretrained, dtype=dtype,
                     task=task)

@@ -20,7 +20,6 @@ checkpoint checks, scheduler state, export) lives with its caller.
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 from abc import ABC, abstractmethod
 from concurrent.futures import Future
 from pathlib import Path
@@ -43,14 +42,6 @@ ADAM_EPS = 1e-8
 
 class StrategyUnavailable(RuntimeError):
     """The installed packages cannot run this strategy (names the package and version)."""
-
-
-def package_version(name: str) -> Optional[str]:
-    """The installed version of distribution ``name``, or None."""
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def resolve_precision(setting: str, device: torch.device) -> str:

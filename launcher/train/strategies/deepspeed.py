@@ -30,8 +30,9 @@ from launcher.config.strategies import strategy_spec
 from launcher.train.distributed import DistEnv
 from launcher.train.schedule import build_scheduler
 from launcher.train.strategies.base import (
-    ADAM_BETAS, ADAM_EPS, Strategy, StrategyUnavailable, build_optimizer, package_version, param_groups,
+    ADAM_BETAS, ADAM_EPS, Strategy, StrategyUnavailable, build_optimizer, param_groups,
 )
+from launcher.versions import package_version
 
 if TYPE_CHECKING:
     from launcher.config.schema import StrategyConfig, TrainConfig
