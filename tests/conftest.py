@@ -53,8 +53,10 @@ class TrainLauncher:
         from launcher.rundir import write_config
 
         overrides = [*BASE_OVERRIDES, f"output_dir={self.root}", f"run_name={name}", *overrides]
-        cfg = validated(overrides) if login_checks else compose(overrides)
         run_dir = self.root / name
+        # One session folder for every file: a reused name would resume the other test's checkpoints silently.
+        assert not run_dir.exists(), f"run name {name!r} is already used in this test session"
+        cfg = validated(overrides) if login_checks else compose(overrides)
         write_config(run_dir, cfg)
         return run_dir
 

@@ -222,12 +222,12 @@ def test_zero_lora_checkpoints_leave_the_base_out_and_resume_bit_identically(
     train_launcher: TrainLauncher, deepspeed_ops: None, tmp_path: Path, strategy: str
 ) -> None:
     """DeepSpeed's side of adapter-only checkpoints: exclude_frozen_parameters on save, a non-strict module load."""
-    run_dir = train_launcher.make_run(f"lora-{strategy}", ["peft=lora", f"strategy={strategy}", "train.export=false"])
+    run_dir = train_launcher.make_run(f"zero-lora-{strategy}", ["peft=lora", f"strategy={strategy}", "train.export=false"])
     check_ok(train_launcher.torchrun(run_dir))
     states = run_dir / "checkpoints" / "step-4" / "deepspeed"
     saved = [k for f in states.glob("*model_states.pt") for k in torch.load(f, weights_only=False)["module"] or {}]
     assert not [k for k in saved if "lora_" not in k], saved  # no frozen base weights in the module states
-    resumed = copy_run(run_dir, tmp_path / f"lora-{strategy}-resumed", {})
+    resumed = copy_run(run_dir, tmp_path / f"zero-lora-{strategy}-resumed", {})
     shutil.rmtree(resumed / "checkpoints" / "step-8")
     result = train_launcher.torchrun(resumed)
     check_ok(result)

@@ -111,11 +111,7 @@ def test_lora_trains_and_exports_an_adapter(lora_runs: Dict[str, Path], strategy
         assert torch.allclose(merged(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-4)
 
 
-@pytest.mark.parametrize("strategy", [
-    s if s != "zero3" else pytest.param(s, marks=pytest.mark.xfail(strict=False, reason=(
-        "zero3 LoRA differs from ddp by 1.85e-2 (deterministic) when this file runs whole in CI after the full-run "
-        "fixture, and agrees when run alone: under investigation since the zero.Init construction (issue 15)")))
-    for s in STRATEGIES[1:]])
+@pytest.mark.parametrize("strategy", STRATEGIES[1:])
 def test_lora_losses_agree_across_strategies(lora_runs: Dict[str, Path], strategy: str) -> None:
     reference = losses(lora_runs["ddp"])
     curve = losses(lora_runs[strategy])
