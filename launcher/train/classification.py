@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from launcher.train.labelled_data import iter_labelled, label_names
+from launcher.train.packed import PaddedRows
 
 if TYPE_CHECKING:
     from launcher.config.schema import DataConfig, TaskConfig
@@ -23,23 +24,12 @@ if TYPE_CHECKING:
 FORMAT = "classification"  # DatasetSplits.format of labelled splits (the loop's evaluation dispatches on it)
 
 
-class LabelledSplit:
+class LabelledSplit(PaddedRows):
     """One split in memory: rows of ``seq_len`` token ids (right-padded), real lengths, one class id per row."""
 
     def __init__(self, input_ids: np.ndarray, lengths: np.ndarray, labels: np.ndarray, num_labels: int) -> None:
         self.input_ids, self.lengths, self.labels = input_ids, lengths, labels
         self.num_labels = num_labels
-
-    def __len__(self) -> int:
-        return int(self.input_ids.shape[0])
-
-    @property
-    def seq_len(self) -> int:
-        return int(self.input_ids.shape[1])
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.lengths.sum())
 
     def collate(self, indices: List[int], *, skip_full_mask: bool = False) -> Dict[str, torch.Tensor]:
         """input_ids and attention_mask (batch, seq_len), labels (batch,). The mask is always there: rows differ in

@@ -43,7 +43,7 @@ from launcher.train.data_formats import (
     resolve_data_files,
     validate_data_file,
 )
-from launcher.train.packed import ConcatSplit, PackedSplit
+from launcher.train.packed import ConcatSplit, PackedSplit, PaddedRows
 from launcher.train.supervised import IGNORE_INDEX, pad_token_id, split_indices
 
 if TYPE_CHECKING:
@@ -58,7 +58,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-class TokenizedSplit:
+class TokenizedSplit(PaddedRows):
     """One supervised split, memory-mapped from the cache: rows of ``seq_len`` token ids, right-padded."""
 
     def __init__(self, directory: Path, *, packed: bool) -> None:
@@ -67,18 +67,6 @@ class TokenizedSplit:
         self.lengths = _load_array(directory / "lengths.npy")  # real tokens per row; the rest is padding
         # Packed rows train on every real token, so their labels are derived rather than stored.
         self.labels = None if packed else _load_array(directory / "labels.npy")
-
-    def __len__(self) -> int:
-        return int(self.input_ids.shape[0])
-
-    @property
-    def seq_len(self) -> int:
-        return int(self.input_ids.shape[1])
-
-    @property
-    def num_tokens(self) -> int:
-        """Real (non-padding) tokens in the split."""
-        return int(self.lengths.sum())
 
     def __getitem__(self, index: int) -> dict[str, "torch.Tensor"]:
         return {name: tensor[0] for name, tensor in self.collate([index]).items()}

@@ -33,9 +33,10 @@ from launcher.train.metrics import MetricsFile, PeakMemory, Progress, StepWindow
 
 FINISHED = "finished"
 STOPPED = "stopped"
-# The ranks agree on "stop" / "save now" about this often (at least every step when steps are slower): one small
-# all-reduce per step costs a few % of a millisecond-long step on CPUs and nothing that matters on GPUs.
-AGREE_PERIOD_S = 0.2
+# The ranks agree on "stop" / "save now" about this often (every step when steps are slower, at least every log
+# step): a stop must be seen within seconds of Slurm's signal (its lead is a minute or more), and one small collective
+# per fast step costs about 1% of a CPU step, nothing that matters on GPUs.
+AGREE_PERIOD_S = 1.0
 
 
 @dataclass

@@ -25,6 +25,26 @@ def _load(path: Path) -> np.ndarray:
         return np.load(path)
 
 
+class PaddedRows:
+    """A split stored as rows: ``input_ids`` (n, seq_len), right-padded, and ``lengths`` (n,), the real tokens per row
+    (the supervised and the labelled splits)."""
+
+    input_ids: np.ndarray
+    lengths: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.input_ids.shape[1])
+
+    @property
+    def num_tokens(self) -> int:
+        """Real (non-padding) tokens in the split."""
+        return int(self.lengths.sum())
+
+
 class PackedSplit:
     """``tokens.npy`` (flat ids) and ``doc_offsets.npy`` (document boundaries) of one split, as seq_len rows."""
 
