@@ -21,13 +21,18 @@ REPO = Path(__file__).resolve().parents[1]
 from launcher.config.strategies import STRATEGY_NAMES as STRATEGIES  # noqa: E402
 
 
+# Files that read the session fixture ``full_runs`` (5 training runs): one worker, so it runs once.
+FULL_RUNS_FILES = ("tests/test_train_strategies.py", "tests/test_train_resume.py")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:
     """Under xdist (``-n 2 --dist loadgroup``, as .ci/run runs): every test that submits to the local Slurm runs on
     the same worker, in file order, so their jobs never compete for its nodes; every other file stays on one worker,
-    so its module fixtures (the training runs most tests read) run once, not once per worker. Without xdist the
-    marker does nothing."""
+    so its module fixtures (the training runs most tests read) run once, not once per worker; the files that share
+    ``full_runs`` share a worker too. Without xdist the marker does nothing."""
     for item in items:
-        group = "slurm" if item.get_closest_marker("slurm") else item.nodeid.split("::")[0]
+        path = item.nodeid.split("::")[0]
+        group = "slurm" if item.get_closest_marker("slurm") else "full-runs" if path in FULL_RUNS_FILES else path
         item.add_marker(pytest.mark.xdist_group(group))
 
 
