@@ -237,7 +237,7 @@ def worker_hand_zero2(run_dir: Path, warmup: int, every: int) -> None:
     s = _Setup(run_dir)
     optimizer, scheduler = s.optimizer_and_scheduler(s.model)
     ds_config = deepspeed_config(s.cfg.strategy, s.cfg.train, world_size=s.world, precision="fp32",
-                                 device_type="cpu")
+                                 device_type="cpu", hidden_size=s.config.hidden_size)  # the buckets ours gets
     engine, _, _, _ = deepspeed.initialize(model=s.model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, dist_init_required=False)
     marks: List[float] = []
@@ -258,7 +258,7 @@ def worker_trainer_zero2(run_dir: Path, warmup: int, every: int) -> None:
     s = _Setup(run_dir)
     optimizer, scheduler = s.optimizer_and_scheduler(s.model)
     ds_config = deepspeed_config(s.cfg.strategy, s.cfg.train, world_size=s.world, precision="fp32",
-                                 device_type="cpu")
+                                 device_type="cpu", hidden_size=s.config.hidden_size)  # the buckets ours gets
     split = s.split
 
     class Rows(torch.utils.data.Dataset):

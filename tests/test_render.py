@@ -6,6 +6,7 @@ then review the diff of tests/golden/ before committing it.
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest

@@ -189,6 +189,49 @@ def test_deepspeed_offload_settings() -> None:
     assert ds["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": True}
 
 
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_deepspeed_buckets_scale_with_hidden_size(stage: int) -> None:
+    """Hugging Face's "auto" sizes from h (not DeepSpeed's fixed 5e8-element buckets); unset without h."""
+    pytest.importorskip("deepspeed")
+    from launcher.train.strategies.deepspeed import deepspeed_config
+
+    zero = deepspeed_config(*_cfg(f"zero{stage}"), world_size=2, precision="fp32", device_type="cpu",
+                            hidden_size=1024)["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 1024 * 1024
+    if stage == 3:
+        assert zero["stage3_prefetch_bucket_size"] == int(0.9 * 1024 * 1024)
+        assert zero["stage3_param_persistence_threshold"] == 10 * 1024
+        layer = 12 * 1024 * 1024  # about one decoder layer
+        units = ("sub_group_size", "stage3_max_live_parameters", "stage3_max_reuse_distance")
+        assert [zero[key] for key in units] == [layer] * 3
+        assert "allgather_bucket_size" not in zero
+    else:
+        assert zero["allgather_bucket_size"] == 1024 * 1024
+        assert not any(key.startswith("stage3_") for key in zero) and "sub_group_size" not in zero
+    small = deepspeed_config(*_cfg(f"zero{stage}"), world_size=2, precision="fp32", device_type="cpu",
+                             hidden_size=64)["zero_optimization"]
+    assert small["reduce_bucket_size"] == 1 << 20  # the floor: a small model stays in a few collectives
+    unsized = deepspeed_config(*_cfg(f"zero{stage}"), world_size=2, precision="fp32", device_type="cpu")
+    assert not {"reduce_bucket_size", "allgather_bucket_size", "sub_group_size"} & set(unsized["zero_optimization"])
+
+
+def test_share_fp32_master_aliases_same_dtype_partitions_only() -> None:
+    pytest.importorskip("deepspeed")
+    import torch
+
+    from launcher.train.strategies.deepspeed import share_fp32_master
+
+    weights = [torch.arange(4.0), torch.arange(3.0).bfloat16()]
+    masters = [torch.nn.Parameter(w.clone().float()) for w in weights]
+    optimizer = type("Stage3", (), {"fp16_partitioned_groups_flat": weights, "fp32_partitioned_groups_flat": masters,
+                                    "offload_optimizer": False})()
+    assert share_fp32_master(optimizer) == 1
+    assert masters[0].data_ptr() == weights[0].data_ptr() and torch.equal(masters[0], torch.arange(4.0))
+    assert masters[1].data_ptr() != weights[1].data_ptr()  # bf16 weights keep their fp32 master
+    optimizer.offload_optimizer = True
+    assert share_fp32_master(optimizer) == 0
+
+
 # ------------------------------------------------------------------------------------------------- checkpoints
 
 
@@ -537,3 +580,16 @@ def test_the_jobs_flops_count_equals_the_login_nodes_for_llama_8b(peft: str) -> 
         lora = shape.lora_params(cfg.peft.r, target_modules=tuple(cfg.peft.target_modules))
     job = flops_per_token(count_parameters(model), num_layers=32, hidden_size=4096, seq_len=4096)
     assert job == flops_for_shape(shape, 4096, lora_params=lora)
+
+
+def test_host_heap_threshold_is_set_unless_the_user_chose_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """glibc's mmap threshold: 128 KiB while the model loads, 32 MiB for the steps; MALLOC_MMAP_THRESHOLD_ wins."""
+    import platform
+
+    from launcher.train import host_heap
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    assert host_heap.for_the_load() and host_heap.for_the_steps()
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert not host_heap.for_the_load() and not host_heap.for_the_steps()

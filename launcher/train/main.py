@@ -145,7 +145,7 @@ def _run(cfg: "LauncherConfig", env: "DistEnv", run_dir: Path) -> int:
 def _prepare(cfg: "LauncherConfig", env: "DistEnv", run_dir: Path) -> _Prepared:
     """Preflight and fingerprint, the strategy, the tokenizer and the model (with its adapters)."""
     from launcher.train import distributed as D
-    from launcher.train import setup, strategies
+    from launcher.train import host_heap, setup, strategies
     from launcher.train.metrics import count_parameters
     from launcher.train.modeling import apply_peft, build_model, check_seq_len, hf_config
 
@@ -157,6 +157,7 @@ def _prepare(cfg: "LauncherConfig", env: "DistEnv", run_dir: Path) -> _Prepared:
         f"{env.device}, strategy {cfg.strategy.name}, peft {cfg.peft.name}", env=env,
     )
     setup.preflight_and_fingerprint(cfg, env, run_dir)
+    host_heap.for_the_load()  # until the strategy has wrapped the model (launcher/train/host_heap.py)
     # Fail early, cheapest checks first: packages for the strategy, then the model's shape against seq_len.
     strategy = strategies.create(cfg.strategy, cfg.train, env)
     with _as_input_error():
@@ -194,12 +195,14 @@ def _quiet_libraries() -> None:
 def _open_checkpoints(prepared: _Prepared, cfg: "LauncherConfig", env: "DistEnv", run_dir: Path) -> Any:
     """Wrap the model (the strategy builds its optimizer and scheduler) and open ``<run_dir>/checkpoints``. A LoRA
     run's checkpoints hold the adapters and the base's fingerprint, not the frozen base."""
+    from launcher.train import host_heap
     from launcher.train.checkpoint import CheckpointManager, async_enabled
     from launcher.train.frozen_base import base_fingerprint
 
     train = cfg.train
     base = base_fingerprint(cfg.model, seed=train.seed) if cfg.peft.name != "none" else None
     prepared.strategy.wrap(prepared.model)
+    host_heap.for_the_steps()
     return CheckpointManager(run_dir / CHECKPOINTS_DIR, env, prepared.strategy, keep_last=train.keep_last,
                              keep_every=train.keep_every, frozen_base=base,
                              async_save=async_enabled(train.async_save, env.device.type))

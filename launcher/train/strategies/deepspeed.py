@@ -44,11 +44,40 @@ TAG = "deepspeed"
 MIN_VERSION = (0, 19, 3)
 
 
+MIN_BUCKET_ELEMENTS = 1 << 20
+MIN_UNIT_ELEMENTS = 1 << 23
+
+
+def bucket_sizes(stage: int, hidden_size: Optional[int]) -> Dict[str, int]:
+    """ZeRO's buffer sizes from the model's hidden size h, as Hugging Face's ``"auto"`` fills them: h*h-element
+    reduce (and zero1/2 all-gather) buckets, a 0.9*h*h prefetch bucket, parameters under 10*h elements kept whole.
+    DeepSpeed's defaults are fixed whatever the model (5e8-element buckets: 1.86 GiB fp32 allocated per rank, filled
+    up to the whole model's gradients); {} when h is unknown (DeepSpeed's defaults). zero3 also works in units of
+    about a decoder layer (12*h*h) where DeepSpeed's defaults are 1e9 elements, i.e. the whole of most models: the
+    optimizer steps sub-groups of that size (its flat gradient copy and Adam's temporaries are a sub-group's, not the
+    partition's; element-wise, the same values), and gathered parameters are released within that many live or
+    reused elements (with 1e9, all of a model under 1B parameters stays gathered from forward to backward: a full
+    replica on every rank, what ZeRO-3 is for avoiding; FSDP reshards after forward the same way)."""
+    if not hidden_size:
+        return {}
+    # Floors keep small models in a few collectives (h = 64: 4096-element buckets would mean an all-reduce every few
+    # tensors); from h = 1024 on they do not bind (1M elements: 4 MiB fp32; 8M: under one h = 1024 layer).
+    square = int(hidden_size) * int(hidden_size)
+    bucket, unit = max(square, MIN_BUCKET_ELEMENTS), max(12 * square, MIN_UNIT_ELEMENTS)
+    if stage == 3:
+        return {"reduce_bucket_size": bucket, "stage3_prefetch_bucket_size": int(0.9 * bucket),
+                "stage3_param_persistence_threshold": 10 * int(hidden_size), "sub_group_size": unit,
+                "stage3_max_live_parameters": unit, "stage3_max_reuse_distance": unit}
+    return {"reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
+
+
 def deepspeed_config(strategy: "StrategyConfig", train: "TrainConfig", *, world_size: int, precision: str,
-                     device_type: str) -> Dict[str, Any]:
-    """The DeepSpeed JSON config for our strategy and train sections (pure; unit-tested)."""
+                     device_type: str, hidden_size: Optional[int] = None) -> Dict[str, Any]:
+    """The DeepSpeed JSON config for our strategy and train sections (pure; unit-tested). ``hidden_size``: the
+    model's, which sizes the buckets (``bucket_sizes``); None while the model is not built yet (zero.Init)."""
     stage = strategy_spec(strategy.name).zero_stage
-    zero: Dict[str, Any] = {"stage": stage, "contiguous_gradients": True, "overlap_comm": device_type == "cuda"}
+    zero: Dict[str, Any] = {"stage": stage, "contiguous_gradients": True, "overlap_comm": device_type == "cuda",
+                            **bucket_sizes(stage, hidden_size)}
     if strategy.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device_type == "cuda"}
     if strategy.offload_params:
@@ -134,9 +163,9 @@ class DeepSpeedStrategy(Strategy):
         self._norm = torch.zeros((), dtype=torch.float32, device=env.device)  # the grad norm, reused every step
         _quiet_deepspeed()
 
-    def _ds_config(self) -> Dict[str, Any]:
+    def _ds_config(self, hidden_size: Optional[int] = None) -> Dict[str, Any]:
         return deepspeed_config(self.strategy_cfg, self.train, world_size=self.env.world_size,
-                                precision=self.precision, device_type=self.env.device.type)
+                                precision=self.precision, device_type=self.env.device.type, hidden_size=hidden_size)
 
     def _placement(self) -> "Placement":
         if self.spec.zero_stage != 3:
@@ -173,12 +202,14 @@ class DeepSpeedStrategy(Strategy):
     def wrap(self, model: torch.nn.Module) -> None:
         import deepspeed
 
-        ds_config = self._ds_config()
+        ds_config = self._ds_config(getattr(getattr(model, "config", None), "hidden_size", None))
         optimizer = self._client_optimizer(model)
         scheduler = build_scheduler(optimizer, self.train)
         engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
         )
+        if self.spec.zero_stage == 3:
+            share_fp32_master(ds_optimizer)
         self.model = engine
         self.module = engine.module
         self.optimizer = ds_optimizer
@@ -244,6 +275,27 @@ class DeepSpeedStrategy(Strategy):
         if not self.env.is_main:
             return None
         return {k: v.detach().to("cpu", copy=True) for k, v in self.module.state_dict().items()}
+
+
+def share_fp32_master(optimizer: Any) -> int:
+    """ZeRO-3 with weights already in the master dtype on the optimizer's device (fp32 on CPU): make each sub-group's
+    master partition the weights' flat partition itself, as DeepSpeed does for autocast, and free the copy. DeepSpeed
+    means to (stage3.py ``_create_fp32_partitions``) but compares a torch.device with its device name, a str, which
+    is never equal, so it clones: one more fp32 copy of the partition, 4 B/param/world per rank. The step's copy back
+    (``_reassign_or_swap_out_partitioned_parameters``) then copies in place; the values are the same either way.
+    Returns how many sub-groups now share (0 when offloaded or swapped: those keep their own buffers)."""
+    flat16 = getattr(optimizer, "fp16_partitioned_groups_flat", None)
+    flat32 = getattr(optimizer, "fp32_partitioned_groups_flat", None)
+    if flat16 is None or flat32 is None or getattr(optimizer, "offload_optimizer", False):
+        return 0
+    shared = 0
+    for weights, master in zip(flat16, flat32):
+        if (weights is None or master is None or weights.dtype != master.dtype or weights.device != master.device
+                or weights.shape != master.shape or weights.data_ptr() == master.data_ptr()):
+            continue
+        master.data = weights.data
+        shared += 1
+    return shared
 
 
 @contextlib.contextmanager

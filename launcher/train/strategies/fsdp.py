@@ -1,6 +1,7 @@
 """fsdp: PyTorch FSDP2 (``fully_shard``): parameters, gradients and optimizer state sharded like ZeRO-3.
 
-- One ``fully_shard`` per decoder layer (the classes in the model's ``_no_split_modules``), then one on the root.
+- One ``fully_shard`` per decoder layer (the classes in the model's ``_no_split_modules``), one each on untied input and
+  output embeddings (``untied_embeddings``), then one on the root.
 - bf16: ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``, fp32 sharded master weights.
 - ``offload_params`` / ``offload_optimizer`` (GPUs): ``CPUOffloadPolicy`` (parameters, gradients and the optimizer
   step on CPU).
@@ -14,7 +15,7 @@
   host, in the training precision; the other ranks build shapes on the meta device. ``wrap`` turns every parameter
   into an empty fp32 one, shards the shapes, and ``load_full_weights`` sends rank 0's values into every rank's shards
   (``set_model_state_dict(..., broadcast_from_rank0=True)``), a chunk of tensors at a time cast to fp32 and freed once
-  sent: rank 0 holds at most the weights as read plus one fp32 chunk, the others only their shards.
+  sent: rank 0 holds at most the weights as read plus one fp32 chunk (256 MiB), the others only their shards.
 - Checkpoints: torch.distributed.checkpoint, sharded; a different world size reshards on load.
 - Export: ``get_model_state_dict(full_state_dict=True, cpu_offload=True)`` onto rank 0.
 FSDP1 is not used: its full-state-dict CPU offload crashes on CPU (see shared/reference/stack-on-cpu.md).
@@ -35,7 +36,8 @@ from launcher.train.strategies.base import build_optimizer_and_scheduler
 checkpoint_problem = dcp.checkpoint_problem  # the registry's per-engine check: DCP files
 
 SHARD_DTYPE = torch.float32  # sharded master weights (bf16 compute comes from the mixed-precision policy)
-CHUNK_BYTES = 1 << 30  # rank 0 casts and broadcasts this much fp32 at a time
+CHUNK_BYTES = 256 << 20  # rank 0 casts and broadcasts this much fp32 at a time: its peak is the full copy plus
+# about one chunk's shards (1 GiB chunks held a whole 250M model's shards beside its full copy)
 
 
 def decoder_layers(model: torch.nn.Module) -> List[torch.nn.Module]:
@@ -50,6 +52,17 @@ def decoder_layers(model: torch.nn.Module) -> List[torch.nn.Module]:
             "use strategy=zero3 for this model"
         )
     return layers
+
+
+def untied_embeddings(model: torch.nn.Module) -> List[torch.nn.Module]:
+    """The input and output embeddings as units of their own where they share no weight (as torchtitan shards them):
+    in the root's unit they would stay gathered from forward to backward (FSDP2 does not reshard the root after
+    forward), 2 x vocab x h fp32 per rank, the size of several decoder layers. Tied ones stay in the root's unit."""
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    inputs, outputs = (get_in() if get_in else None), (get_out() if get_out else None)
+    if inputs is None or outputs is None or inputs.weight is outputs.weight:
+        return []
+    return [inputs, outputs]
 
 
 def params_to_meta(model: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -104,6 +117,7 @@ def load_full_weights(model: torch.nn.Module, full: Optional[Dict[str, torch.Ten
 class FSDPStrategy(dcp.TorchNativeStrategy):
     """One ``fully_shard`` per decoder layer and one on the root; the mixed-precision policy casts."""
 
+
     def _placement(self) -> Placement:
         if not self.env.is_main:
             return Placement(dtype=SHARD_DTYPE, device=torch.device("meta"))
@@ -122,7 +136,7 @@ class FSDPStrategy(dcp.TorchNativeStrategy):
         # Rank 0's weights as read; then every rank shards shapes only and receives its shards from rank 0.
         full = dict(model.state_dict()) if self.env.is_main else None
         params_to_meta(model, SHARD_DTYPE)
-        for layer in decoder_layers(model):
+        for layer in decoder_layers(model) + untied_embeddings(model):
             fully_shard(layer, **kwargs)
         fully_shard(model, **kwargs)
         load_full_weights(model, full, cpu_offload="offload_policy" in kwargs)  # empties ``full``
