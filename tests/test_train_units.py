@@ -590,6 +590,7 @@ def test_host_heap_threshold_is_set_unless_the_user_chose_one(monkeypatch: pytes
 
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("mallopt is glibc's")
-    assert host_heap.for_the_load() and host_heap.for_the_steps()
+    steps = {"shards_parameters": False, "device_type": "cpu"}
+    assert host_heap.for_the_load() and host_heap.for_the_steps(**steps)
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
-    assert not host_heap.for_the_load() and not host_heap.for_the_steps()
+    assert not host_heap.for_the_load() and not host_heap.for_the_steps(**steps)

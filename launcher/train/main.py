@@ -202,7 +202,7 @@ def _open_checkpoints(prepared: _Prepared, cfg: "LauncherConfig", env: "DistEnv"
     train = cfg.train
     base = base_fingerprint(cfg.model, seed=train.seed) if cfg.peft.name != "none" else None
     prepared.strategy.wrap(prepared.model)
-    host_heap.for_the_steps()
+    host_heap.for_the_steps(shards_parameters=prepared.strategy.spec.shards >= 3, device_type=env.device.type)
     return CheckpointManager(run_dir / CHECKPOINTS_DIR, env, prepared.strategy, keep_last=train.keep_last,
                              keep_every=train.keep_every, frozen_base=base,
                              async_save=async_enabled(train.async_save, env.device.type))
