@@ -43,13 +43,14 @@ def check_installed(extra: Optional[str] = "train", *, version: Optional[Callabl
     """Print each requirement with its installed version; 1 when one is missing or out of range.
 
     Pre-releases count as matching (NGC images ship torch ``2.7.0a0+...``): ``>=2.6`` accepts 2.7.0a0 but not 2.6.0a0.
-    ``version`` looks up an installed version (default: ``importlib.metadata.version``).
+    ``version`` looks up an installed version (default: ``launcher.versions.package_version``).
     """
     from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as installed_version
+
+    from launcher.versions import package_version
 
     requirement = _requirement_class()
-    lookup = version or installed_version
+    lookup = version or package_version
     bad = 0
     for line in project_requirements(extra):
         req = requirement(line)

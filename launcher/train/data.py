@@ -43,7 +43,7 @@ from launcher.train.data_formats import (
     resolve_data_files,
     validate_data_file,
 )
-from launcher.train.packed import ConcatSplit, PackedSplit, PaddedRows
+from launcher.train.packed import ConcatSplit, PackedSplit, PaddedRows, rows_batch
 from launcher.train.supervised import IGNORE_INDEX, pad_token_id, split_indices
 
 if TYPE_CHECKING:
@@ -77,11 +77,9 @@ class TokenizedSplit(PaddedRows):
         ``skip_full_mask``: no attention_mask when no row has padding (packed rows): transformers then takes its
         causal-only path, without checking the mask on every forward (a host sync on GPUs).
         """
-        from launcher.train.packed import _batch
-
         idx = np.asarray(indices, dtype=np.int64)
         labels = None if self.labels is None else np.asarray(self.labels[idx], dtype=np.int64)
-        return _batch(np.asarray(self.input_ids[idx], dtype=np.int64), np.asarray(self.lengths[idx]), self.seq_len,
+        return rows_batch(np.asarray(self.input_ids[idx], dtype=np.int64), np.asarray(self.lengths[idx]), self.seq_len,
                       skip_full_mask, labels)
 
 

@@ -87,7 +87,7 @@ class PackedSplit:
     def collate(self, indices: list[int], *, skip_full_mask: bool = False) -> dict[str, "torch.Tensor"]:
         """As launcher.train.data.TokenizedSplit.collate: labels are the inputs, -100 on padding."""
         ids, lengths = self.rows(indices)
-        return _batch(ids, lengths, self._seq_len, skip_full_mask)
+        return rows_batch(ids, lengths, self._seq_len, skip_full_mask)
 
 
 class ConcatSplit:
@@ -116,13 +116,13 @@ class ConcatSplit:
         for s in np.unique(source):
             sel = source == s
             ids[sel], lengths[sel] = self.parts[s].rows(idx[sel] - self.bases[s])
-        return _batch(ids, lengths, self.seq_len, skip_full_mask)
+        return rows_batch(ids, lengths, self.seq_len, skip_full_mask)
 
     def __getitem__(self, index: int) -> dict[str, "torch.Tensor"]:
         return {name: tensor[0] for name, tensor in self.collate([index]).items()}
 
 
-def _batch(ids: np.ndarray, lengths: np.ndarray, seq_len: int, skip_full_mask: bool,
+def rows_batch(ids: np.ndarray, lengths: np.ndarray, seq_len: int, skip_full_mask: bool,
            labels: "np.ndarray | None" = None) -> dict[str, "torch.Tensor"]:
     """input_ids, labels (given, or every real token) and attention_mask of rows with ``lengths`` real tokens; no mask
     with ``skip_full_mask`` when no row is padded (transformers' causal-only path, no mask check per forward)."""

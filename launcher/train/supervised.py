@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping
 import numpy as np
 
 from launcher.train.data_formats import instruction_prompt, loader_name
+from launcher.train.packed import IGNORE_INDEX
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 _CHUNK = 1000  # records per tokenizer call: big enough for the Rust batch encoder, small enough for memory
 
 Segment = tuple[str, bool]  # (text, counts in the loss)
