@@ -31,7 +31,7 @@ def _run_point(cfg: DictConfig) -> Any:
     plain = _sweep_point(as_container(cfg))
     # On the plain tree first: the typed conversion would silently keep unknown '+' keys.
     data_format = validate(plain)
-    return launch(with_resolved_inputs(to_typed(cfg, run_name=plain["run_name"]), data_format))
+    return launch(with_resolved_inputs(to_typed(plain), data_format))
 
 
 def _hydra_task(cfg: DictConfig) -> Dict[str, Any]:

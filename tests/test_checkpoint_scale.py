@@ -186,7 +186,7 @@ def test_lora_checkpoints_hold_the_adapters_and_resume_bit_identically(
     train_launcher: TrainLauncher, tmp_path: Path
 ) -> None:
     lora = train_launcher.make_run("lora-small", ["peft=lora", *SMALL_MODEL])
-    check_ok(train_launcher.torchrun(lora))
+    check_ok(train_launcher.spawn(lora))
     full = train_launcher.make_run("full-small", [*SMALL_MODEL, "train.max_steps=1", "train.eval_every=0",
                                                    "train.export=false"])
     check_ok(train_launcher.single(full))  # the size of a full checkpoint of the same model (one rank or two)
@@ -201,7 +201,7 @@ def test_lora_checkpoints_hold_the_adapters_and_resume_bit_identically(
     resumed = copy_run(lora, tmp_path / "lora-resumed", {})
     shutil.rmtree(resumed / "checkpoints" / "step-8")
     shutil.rmtree(resumed / "export")
-    result = train_launcher.torchrun(resumed)
+    result = train_launcher.spawn(resumed)
     check_ok(result)
     assert "(step 4)" in result.stdout, result.stdout[-3000:]
     assert losses(resumed) == losses(lora)
@@ -223,13 +223,13 @@ def test_zero_lora_checkpoints_leave_the_base_out_and_resume_bit_identically(
 ) -> None:
     """DeepSpeed's side of adapter-only checkpoints: exclude_frozen_parameters on save, a non-strict module load."""
     run_dir = train_launcher.make_run(f"zero-lora-{strategy}", ["peft=lora", f"strategy={strategy}", "train.export=false"])
-    check_ok(train_launcher.torchrun(run_dir))
+    check_ok(train_launcher.spawn(run_dir))
     states = run_dir / "checkpoints" / "step-4" / "deepspeed"
     saved = [k for f in states.glob("*model_states.pt") for k in torch.load(f, weights_only=False)["module"] or {}]
     assert not [k for k in saved if "lora_" not in k], saved  # no frozen base weights in the module states
     resumed = copy_run(run_dir, tmp_path / f"zero-lora-{strategy}-resumed", {})
     shutil.rmtree(resumed / "checkpoints" / "step-8")
-    result = train_launcher.torchrun(resumed)
+    result = train_launcher.spawn(resumed)
     check_ok(result)
     assert "(step 4)" in result.stdout, result.stdout[-3000:]
     assert losses(resumed) == losses(run_dir)
@@ -261,7 +261,7 @@ def test_a_kill_during_a_background_write_resumes_from_the_previous_checkpoint(
 
     rerun = copy_run(run_dir, run_dir.with_name(run_dir.name + "-rerun"),
                       {"train.debug_save_sleep_s": 0, "train.debug_step_sleep_s": 0, "train.export": False})
-    result = train_launcher.torchrun(rerun)
+    result = train_launcher.spawn(rerun)
     check_ok(result)
     out = result.stdout + result.stderr
     assert "(step 2)" in out and "step-4.tmp (a crash during a save)" in out, out[-3000:]
@@ -309,7 +309,7 @@ def test_zero_resumes_on_another_world_size_through_the_universal_checkpoint(
     stopped = json.loads((stopped_dir / "trainer_state.json").read_text())
     assert stopped["world_size"] == before
 
-    result = train_launcher.torchrun(run_dir, nproc=after) if after > 1 else train_launcher.single(run_dir)
+    result = train_launcher.spawn(run_dir, nproc=after) if after > 1 else train_launcher.single(run_dir)
     check_ok(result)
     out = result.stdout + result.stderr
     assert f"written by {before} ranks) on {after} ranks" in out and "universal checkpoint" in out, out[-4000:]

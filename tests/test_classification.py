@@ -67,7 +67,7 @@ def runs(train_launcher: TrainLauncher, deepspeed_ops: None, reviews: Path) -> D
         merge = ["peft.merge_on_export=true"] if strategy == "fsdp" else []
         run_dir = train_launcher.make_run(f"cls-{name}", [*OVERRIDES, f"data.path={reviews}", f"strategy={strategy}",
                                                           f"peft={peft}", f"train.lr={lr}", *merge])
-        check_ok(train_launcher.torchrun(run_dir))
+        check_ok(train_launcher.spawn(run_dir))
         out[name] = run_dir
     return out
 

@@ -103,3 +103,26 @@ def test_every_schema_key_is_documented():
     missing = [f"{name}.{f.name}" for name, cls in sections.items() for f in dataclasses.fields(cls)
                if f"{name}.{f.name}" not in doc and f"`{f.name}`" not in doc]
     assert not missing, f"not in docs/configuration.md: {missing}"
+
+
+@pytest.mark.parametrize("overrides", [
+    [],
+    ["+cluster=lumi", LUMI_ACCOUNT, "model=llama-8b", "strategy=zero3", "nodes=4"],
+    ["+cluster=leonardo", LEONARDO_ACCOUNT, "strategy=fsdp", "peft=lora",
+     "data.sources=[{path:a.txt,weight:2.0},{path:b.txt,weight:1.0}]"],
+])
+def test_the_fast_typed_conversion_equals_omegaconfs(overrides):
+    """to_typed builds the dataclasses from the resolved tree without a second validation: the same objects as
+    OmegaConf.to_object (nested sections, Optional cluster and container, dicts of partitions, lists of sources)."""
+    from omegaconf import OmegaConf
+
+    from launcher.config import compose, to_typed
+    from launcher.config.schema import as_container
+
+    composed = compose(overrides)
+    typed, reference = to_typed(as_container(composed)), OmegaConf.to_object(composed)
+    assert typed == reference
+    if typed.cluster is not None:
+        assert type(next(iter(typed.cluster.partitions.values()))).__name__ == "PartitionLimits"
+    assert all(type(source).__name__ == "DataSource" for source in typed.data.sources)
+    assert len(typed.data.sources) == (2 if "peft=lora" in overrides else 0)

@@ -108,7 +108,7 @@ def test_epochs_run_exactly_two_passes_and_resume_mid_epoch(train_launcher: Trai
     from test_train_resume import _wait_for_step
 
     full = train_launcher.make_run("epochs-full", EPOCH_RUN)
-    result = train_launcher.torchrun(full)
+    result = train_launcher.spawn(full)
     check_ok(result)
     out = result.stdout + result.stderr
     assert f"{STEPS_PER_EPOCH} steps per epoch, max_steps={2 * STEPS_PER_EPOCH}" in out, out[-3000:]
@@ -122,6 +122,6 @@ def test_epochs_run_exactly_two_passes_and_resume_mid_epoch(train_launcher: Trai
     out, _ = proc.communicate(timeout=120)
     assert "after a checkpoint: exit 3" in out, out[-3000:]  # torchrun's own agent exits 1 on the SIGTERM
     assert STEPS_PER_EPOCH < max(r["step"] for r in records(stopped)) < 2 * STEPS_PER_EPOCH
-    resumed = train_launcher.torchrun(stopped)
+    resumed = train_launcher.spawn(stopped)
     check_ok(resumed)
     assert losses(stopped) == losses(full)  # bit-identical on CPU, across the epoch boundary and the restart

@@ -45,7 +45,7 @@ def lm_runs(train_launcher: TrainLauncher, tmp_path_factory: pytest.TempPathFact
         "peft=lora", "train.max_steps=6", "train.lr=1e-2", "train.eval_every=0", "train.save_every=0",
     ])
     for run_dir in (full, lora):
-        check_ok(train_launcher.torchrun(run_dir))
+        check_ok(train_launcher.spawn(run_dir))
     return {"full": full, "lora": lora}
 
 

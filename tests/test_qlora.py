@@ -162,7 +162,7 @@ def test_qlora_trains_end_to_end(tmp_path, train_launcher, device):
         "peft=qlora", f"model.pretrained={base}", "model.intermediate_size=192", "train.export=false",
         "train.eval_every=8",
     ])
-    result = train_launcher.torchrun(run_dir, nproc=2 if device == "cpu" else 1,
+    result = train_launcher.spawn(run_dir, nproc=2 if device == "cpu" else 1,
                                      env={"CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else None)
     check_ok(result)
     assert "peft qlora" in result.stdout and "0.041M trainable" in result.stdout, result.stdout[-2000:]
@@ -176,7 +176,7 @@ def test_qlora_trains_end_to_end(tmp_path, train_launcher, device):
     from conftest import copy_run
 
     resumed = copy_run(run_dir, tmp_path / "qlora-resumed", {"train.max_steps": 10})
-    check_ok(train_launcher.torchrun(resumed, nproc=2 if device == "cpu" else 1,
+    check_ok(train_launcher.spawn(resumed, nproc=2 if device == "cpu" else 1,
                                      env={"CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else None))
     more = losses(resumed)
     assert sorted(more) == list(range(1, 11)) and all(more[s] == curve[s] for s in curve)

@@ -233,7 +233,7 @@ def test_wandb_and_mlflow_continue_the_same_runs_after_sigterm(train_launcher):
     out = stop_torchrun(train_launcher, run_dir)
     assert "after a checkpoint: exit 3" in out, out[-3000:]
     first = json.loads((run_dir / TRACKERS_FILE).read_text())
-    check_ok(train_launcher.torchrun(run_dir))
+    check_ok(train_launcher.spawn(run_dir))
     assert json.loads((run_dir / TRACKERS_FILE).read_text()) == first  # the second attempt reused both ids
 
     expected = losses(run_dir)  # metrics.jsonl: one curve, steps 1..8

@@ -154,11 +154,11 @@ def test_crash_during_a_save_leaves_the_previous_checkpoint(
 ) -> None:
     """Rank 1 dies right after writing its shard of step 4: step-4 never becomes a checkpoint; resume uses step 2."""
     run_dir = train_launcher.make_run("crash-in-save", ["strategy=ddp", "train.save_every=2"])
-    crashed = train_launcher.torchrun(run_dir, env={"LAUNCHER_FAULT_KILL_IN_SAVE": "4:1"})
+    crashed = train_launcher.spawn(run_dir, env={"LAUNCHER_FAULT_KILL_IN_SAVE": "4:1"})
     assert crashed.returncode != 0
     assert (run_dir / "checkpoints" / "step-4.tmp").is_dir()
     assert not (run_dir / "checkpoints" / "step-4").exists()
-    result = train_launcher.torchrun(run_dir)
+    result = train_launcher.spawn(run_dir)
     check_ok(result)
     out = result.stdout + result.stderr
     assert "step-4.tmp (a crash during a save)" in out and "(step 2)" in out, out[-3000:]
@@ -184,7 +184,7 @@ def test_export_only_exports_the_newest_checkpoint(full_runs: Dict[str, Path], t
 
     run_dir = copy_run(full_runs["zero3"], tmp_path / "zero3-export", {"export_only": True})
     shutil.rmtree(run_dir / "export")
-    result = train_launcher.torchrun(run_dir)
+    result = train_launcher.spawn(run_dir)
     check_ok(result)
     ids = torch.arange(1, 17).unsqueeze(0)
     again = AutoModelForCausalLM.from_pretrained(run_dir / "export")(input_ids=ids).logits

@@ -81,7 +81,7 @@ def lora_runs(train_launcher: TrainLauncher, deepspeed_ops: None) -> Dict[str, P
         run_dir = train_launcher.make_run(
             f"lora-{strategy}", [f"strategy={strategy}", "peft=lora", "train.max_steps=6", "train.lr=1e-2", *merge]
         )
-        check_ok(train_launcher.torchrun(run_dir))
+        check_ok(train_launcher.spawn(run_dir))
         runs[strategy] = run_dir
     return runs
 
@@ -129,7 +129,7 @@ def test_finetune_from_a_pretraining_export(full_runs: Dict[str, Path], train_la
         ["strategy=zero2", "data=instruction", f"model.pretrained={pretrained}", "train.max_steps=4",
          "train.seq_len=128", "train.micro_batch_size=2", "train.eval_every=0", "train.save_every=0"],
     )
-    check_ok(train_launcher.torchrun(run_dir))
+    check_ok(train_launcher.spawn(run_dir))
     assert not (run_dir / "tokenizer").exists(), "the tokenizer must come from model.pretrained"
     curve = losses(run_dir)
     scratch_start = losses(full_runs["ddp"])[1]
@@ -168,7 +168,7 @@ def test_bf16_with_gradient_checkpointing(train_launcher: TrainLauncher, deepspe
         [f"strategy={strategy}", "strategy.precision=bf16", "model.gradient_checkpointing=true", "train.max_steps=5",
          "train.save_every=0", "train.save_every_minutes=0.00001", "train.eval_every=0"],
     )
-    check_ok(train_launcher.torchrun(run_dir))
+    check_ok(train_launcher.spawn(run_dir))
     curve = losses(run_dir)
     assert curve[5] < curve[1]
     # Saves on time (agreed on one step after they fall due) and the final one, each logged with its duration.

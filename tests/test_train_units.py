@@ -594,3 +594,22 @@ def test_host_heap_threshold_is_set_unless_the_user_chose_one(monkeypatch: pytes
     assert host_heap.for_the_load() and host_heap.for_the_steps(**steps)
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     assert not host_heap.for_the_load() and not host_heap.for_the_steps(**steps)
+
+
+def test_deepspeed_imports_without_mlflow_and_mlflow_still_imports_after() -> None:
+    """Every zero* rank imports deepspeed; its autotuner would pull in mlflow (and pandas, fastapi) when installed.
+    Run in a fresh interpreter: this one may hold either already."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("deepspeed")
+    pytest.importorskip("mlflow")
+    code = (
+        "import sys; from launcher.train.strategies.deepspeed import import_deepspeed; import_deepspeed(); "
+        "assert 'deepspeed' in sys.modules; assert 'mlflow' not in sys.modules and 'pandas' not in sys.modules, "
+        "sorted(m for m in sys.modules if m.split('.')[0] in ('mlflow', 'pandas'))[:5]; "
+        "import mlflow; assert mlflow.__file__"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert result.returncode == 0, result.stderr[-2000:]

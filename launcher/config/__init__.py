@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from launcher.paths import CONF_DIR, example_file
 
@@ -52,15 +52,14 @@ def compose(overrides: Sequence[str] = ()) -> "DictConfig":
         return hydra_compose(config_name="config", overrides=list(overrides))
 
 
-def to_typed(cfg: "DictConfig", **replace: object) -> "LauncherConfig":
-    """The composed config as the schema's dataclasses (resolved; ``replace`` sets top-level fields). Convert once,
-    after validation, then pass sections (``cfg.cluster``, ``cfg.train``) on."""
-    import dataclasses
+def to_typed(plain: "Mapping[str, Any]", **replace: object) -> "LauncherConfig":
+    """The composed config, resolved into a plain tree (``schema.as_container``), as the schema's dataclasses
+    (``replace`` sets top-level fields). Convert once, after validation, then pass sections (``cfg.cluster``,
+    ``cfg.train``) on."""
+    from launcher.config.schema import LauncherConfig
+    from launcher.config.typed import build
 
-    from omegaconf import OmegaConf
-
-    typed = OmegaConf.to_object(cfg)
-    return dataclasses.replace(typed, **replace) if replace else typed  # type: ignore[arg-type,return-value]
+    return build(LauncherConfig, {**plain, **replace})
 
 
 def validated(overrides: Sequence[str] = ()) -> "LauncherConfig":
@@ -72,8 +71,9 @@ def validated(overrides: Sequence[str] = ()) -> "LauncherConfig":
 
     composed = compose(overrides)
     check_interpolations(OmegaConf.to_container(composed, resolve=False))
-    data_format = validate(as_container(composed))
-    return with_resolved_inputs(to_typed(composed), data_format)
+    plain = as_container(composed)
+    data_format = validate(plain)
+    return with_resolved_inputs(to_typed(plain), data_format)
 
 
 def with_resolved_inputs(cfg: "LauncherConfig", data_format: str) -> "LauncherConfig":

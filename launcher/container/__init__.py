@@ -10,7 +10,7 @@ Stdlib only at import; nothing here imports torch. Where each part runs:
 - ``cli``: ``python -m launcher.container build|check``.
 """
 
-from launcher.container.cli import main
+# Only exec here: rendering every batch script imports this package, and cli pulls in build and recipe parsing.
 from launcher.container.exec import batch_setup_lines, command_prefix
 
-__all__ = ["batch_setup_lines", "command_prefix", "main"]
+__all__ = ["batch_setup_lines", "command_prefix"]

@@ -2,6 +2,6 @@
 
 import sys
 
-from launcher.container import main
+from launcher.container.cli import main
 
 sys.exit(main())

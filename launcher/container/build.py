@@ -205,8 +205,9 @@ def _split_output(items: Sequence[str]) -> Tuple[Optional[str], List[str]]:
 def _compose_cluster(overrides: Sequence[str]) -> ClusterConfig:
     """The resolved, typed ``cluster`` section of the config the overrides compose."""
     from launcher.config import compose, to_typed
+    from launcher.config.schema import as_container
 
-    cluster = to_typed(compose(list(overrides))).cluster
+    cluster = to_typed(as_container(compose(list(overrides)))).cluster
     if cluster is None:
         raise BuildError("+cluster", None, "build needs a cluster",
                          f"+cluster=NAME, one of: {', '.join(sorted(BUILD_PROFILES))}")

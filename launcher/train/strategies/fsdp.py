@@ -13,9 +13,10 @@
   beside NCCL (``needs_cpu_collectives``; see launcher.train.distributed.process_group_backend).
 - Low-memory construction (``building``/``_placement``): rank 0 alone reads (or initializes) the full weights, on the
   host, in the training precision; the other ranks build shapes on the meta device. ``wrap`` turns every parameter
-  into an empty fp32 one, shards the shapes, and ``load_full_weights`` sends rank 0's values into every rank's shards
-  (``set_model_state_dict(..., broadcast_from_rank0=True)``), a chunk of tensors at a time cast to fp32 and freed once
-  sent: rank 0 holds at most the weights as read plus one fp32 chunk (256 MiB), the others only their shards.
+  into an empty one (trainable: fp32 master; frozen: the compute dtype, see ``shard_dtypes``), shards the shapes, and
+  ``load_full_weights`` sends rank 0's values into every rank's shards (``set_model_state_dict(...,
+  broadcast_from_rank0=True)``), a chunk of tensors at a time cast to the shard's dtype and freed once sent: rank 0
+  holds at most the weights as read plus one chunk (256 MiB), the others only their shards.
 - Checkpoints: torch.distributed.checkpoint, sharded; a different world size reshards on load.
 - Export: ``get_model_state_dict(full_state_dict=True, cpu_offload=True)`` onto rank 0.
 FSDP1 is not used: its full-state-dict CPU offload crashes on CPU (see shared/reference/stack-on-cpu.md).
@@ -23,7 +24,7 @@ FSDP1 is not used: its full-state-dict CPU offload crashes on CPU (see shared/re
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
@@ -65,15 +66,25 @@ def untied_embeddings(model: torch.nn.Module) -> List[torch.nn.Module]:
     return [inputs, outputs]
 
 
-def params_to_meta(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Replace every parameter by an empty one (shape and ``requires_grad`` only) of ``dtype``; tied ones stay tied."""
+def shard_dtypes(precision: str) -> Tuple[torch.dtype, torch.dtype]:
+    """(trainable, frozen) shard dtypes. Trainable parameters keep fp32 master shards; frozen ones (the base under
+    LoRA) are never stepped, so they are sharded in the dtype they compute in: under bf16 the mixed-precision policy
+    would cast them to bf16 for every all-gather anyway, and fp32 shards would double the frozen base on every rank
+    (70B LoRA: 280 GB of shards instead of 140). FSDP2 asks a uniform dtype of the trainable parameters only."""
+    return SHARD_DTYPE, torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def params_to_meta(model: torch.nn.Module, dtype: torch.dtype, frozen_dtype: Optional[torch.dtype] = None) -> None:
+    """Replace every parameter by an empty one (shape and ``requires_grad`` only) of ``dtype`` (``frozen_dtype`` for
+    those that do not require gradients, if given); tied ones stay tied."""
     empty: Dict[int, torch.nn.Parameter] = {}
     for module in model.modules():
         for name, param in list(module._parameters.items()):
             if param is None:
                 continue
             if id(param) not in empty:
-                meta = torch.empty_like(param, device="meta", dtype=dtype)
+                kept = dtype if param.requires_grad or frozen_dtype is None else frozen_dtype
+                meta = torch.empty_like(param, device="meta", dtype=kept)
                 empty[id(param)] = torch.nn.Parameter(meta, requires_grad=param.requires_grad)
             module._parameters[name] = empty[id(param)]
 
@@ -92,18 +103,20 @@ def _chunks(full: Dict[str, torch.Tensor], limit: int) -> List[List[str]]:
 
 def load_full_weights(model: torch.nn.Module, full: Optional[Dict[str, torch.Tensor]], *, cpu_offload: bool = False,
                       chunk_bytes: int = CHUNK_BYTES) -> None:
-    """Collective: rank 0's full state dict (``full``; None elsewhere) into the shards of the sharded ``model``.
-    ``full`` is emptied chunk by chunk: rank 0 frees what it has sent, so its shards replace the full copy."""
+    """Collective: rank 0's full state dict (``full``; None elsewhere) into the shards of the sharded ``model``, each
+    value cast to its shard's dtype. ``full`` is emptied chunk by chunk: rank 0 frees what it has sent, so its shards
+    replace the full copy."""
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+    shard_dtype = {k: v.dtype for k, v in model.state_dict().items()} if full is not None else {}
     keys = [_chunks(full, chunk_bytes) if full is not None else None]
     dist.broadcast_object_list(keys, src=0)  # every rank makes the same number of calls
     # strict=False: each call carries one chunk; the check below covers the whole model.
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, cpu_offload=cpu_offload, strict=False)
     for chunk in keys[0]:
         part = {} if full is None else {
-            k: full[k].to(SHARD_DTYPE) if full[k].is_floating_point() else full[k] for k in chunk
+            k: full[k].to(shard_dtype.get(k, SHARD_DTYPE)) if full[k].is_floating_point() else full[k] for k in chunk
         }
         set_model_state_dict(model, part, options=options)
         del part
@@ -135,7 +148,7 @@ class FSDPStrategy(dcp.TorchNativeStrategy):
             kwargs["offload_policy"] = CPUOffloadPolicy()
         # Rank 0's weights as read; then every rank shards shapes only and receives its shards from rank 0.
         full = dict(model.state_dict()) if self.env.is_main else None
-        params_to_meta(model, SHARD_DTYPE)
+        params_to_meta(model, *shard_dtypes(self.precision))
         for layer in decoder_layers(model) + untied_embeddings(model):
             fully_shard(layer, **kwargs)
         fully_shard(model, **kwargs)
