@@ -92,11 +92,39 @@ def _case(env: Any, strategy_name: str, source: str, peft_name: str, checkpoint_
     return result
 
 
+def _bf16_lora_shards(env: Any, checkpoint_dir: str) -> Dict[str, Any]:
+    """fsdp + bf16 + LoRA: the dtypes of this rank's shards (frozen base and adapters) and two steps' losses."""
+    import torch
+
+    from launcher.config.schema import ModelConfig, PeftConfig, StrategyConfig, TrainConfig
+    from launcher.train import strategies
+    from launcher.train.modeling import apply_peft, build_model, hf_config
+
+    model_cfg = ModelConfig(pretrained=checkpoint_dir)
+    train = TrainConfig(max_steps=2, warmup_steps=0, micro_batch_size=2, lr=1e-2)
+    strategy = strategies.create(StrategyConfig(name="fsdp", precision="bf16"), train, env)
+    with strategy.building() as placement:
+        model = apply_peft(build_model(model_cfg, config=hf_config(model_cfg), seed=0, placement=placement),
+                           PeftConfig(name="lora"), seed=0)
+    strategy.wrap(model)
+    dtypes = {"frozen": sorted({str(p.dtype) for p in model.parameters() if not p.requires_grad}),
+              "trainable": sorted({str(p.dtype) for p in model.parameters() if p.requires_grad})}
+    torch.manual_seed(env.rank)
+    batch = {"input_ids": torch.randint(0, 128, (2, 16))}
+    batch["labels"] = batch["input_ids"].clone()
+    losses = []
+    for _ in range(2):
+        losses.append(float(strategy.forward_backward(batch, last=True)))
+        strategy.step()
+    return {"dtypes": dtypes, "losses": losses}
+
+
 def _worker(out_dir: str, checkpoint_dir: str) -> None:
     from launcher.train import distributed as D
 
     env = D.setup(None)
     results = {"/".join(case): _case(env, *case, checkpoint_dir) for case in CASES}
+    results["fsdp-bf16-lora"] = _bf16_lora_shards(env, checkpoint_dir)
     Path(out_dir, f"rank{env.rank}.json").write_text(json.dumps(results))
     D.teardown()
 
@@ -152,6 +180,17 @@ def test_losses_agree_with_ddp(worker_results: Dict[int, Dict[str, Any]], case: 
         ours, ddp = worker_results[rank][case]["losses"], worker_results[rank][reference_case]["losses"]
         assert all(abs(a - b) <= RTOL * abs(b) for a, b in zip(ours, ddp)), (rank, ours, ddp)
         assert ours[1] != ours[0]  # the step changed the weights
+
+
+def test_fsdp_shards_a_frozen_base_in_the_compute_dtype(worker_results: Dict[int, Dict[str, Any]]) -> None:
+    """bf16 LoRA: the frozen base is sharded in bf16 (never stepped; every all-gather casts it to bf16 anyway), the
+    adapters keep fp32 master shards; it trains."""
+    import math
+
+    for rank in (0, 1):
+        result = worker_results[rank]["fsdp-bf16-lora"]
+        assert result["dtypes"] == {"frozen": ["torch.bfloat16"], "trainable": ["torch.float32"]}, (rank, result)
+        assert all(math.isfinite(x) for x in result["losses"]) and result["losses"][1] != result["losses"][0]
 
 
 if __name__ == "__main__":  # one rank of the worker (torchrun)
